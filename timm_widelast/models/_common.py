@@ -1,0 +1,113 @@
+"""Pieces shared by the Lift and WideLast families.
+
+Both keep timm's ``VisionTransformer`` for everything up to the last block and
+change only what happens at the endpoint, so they share the intermediate-feature
+and parameter-group plumbing here.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Set, Tuple, Union
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models._features import feature_take_indices
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+
+def endpoint_cfg(url: str = "", **kwargs) -> Dict:
+    """Pretrained config shared by all our DeiT-derived students (DeiT eval: resize 256, crop 224, bicubic)."""
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "fixed_input_size": True,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "apache-2.0",
+        "paper_ids": "arXiv:2511.15572",
+        **kwargs,
+    }
+
+
+def existing_no_weight_decay(model: nn.Module, names: Set[str]) -> Set[str]:
+    """Keep only names that are real parameters (timm's base set lists tokens our models lack)."""
+    params = {name for name, _ in model.named_parameters()}
+    return {name for name in names if name in params}
+
+
+class EndpointForwardMixin:
+    """``forward_intermediates`` for ViTs whose blocks do not all share one width.
+
+    timm's version applies the final norm to every intermediate, which assumes a
+    single width. Here ``norm=True`` normalises the intermediates whose width
+    matches the final norm; narrower ones are returned as they are, because the
+    wide norm cannot apply to them.
+    """
+
+    def _endpoint(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _maybe_norm(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.norm, nn.Identity) or x.shape[-1] != self.num_features:
+            return x
+        return self.norm(x)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Return block outputs at ``indices`` (prefix tokens split off) and, unless asked not to, the final features."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        batch, _, height, width = x.shape
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[: max_index + 1]
+        intermediates = []
+        for i, block in enumerate(blocks):
+            x = block(x)
+            if i in take_indices:
+                intermediates.append(self._maybe_norm(x) if norm else x)
+
+        prefix_tokens = [y[:, : self.num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
+        if output_fmt == "NCHW":
+            grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if not torch.jit.is_scripting() and return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self._endpoint(x), intermediates
+
+
+def check_width_and_heads(name: str, width: int, heads: int) -> None:
+    """Raise a ValueError that lists workable values when ``width`` does not split into ``heads``."""
+    if width <= 0 or heads <= 0:
+        raise ValueError(f"{name}: width and heads must be positive, got width={width}, heads={heads}")
+    if width % heads:
+        head_options = [h for h in range(1, min(width, 32) + 1) if width % h == 0]
+        width_options = [width - width % heads, width - width % heads + heads]
+        raise ValueError(
+            f"{name}: width {width} is not divisible by {heads} heads; "
+            f"use heads in {head_options} for width {width}, or width in {width_options} for {heads} heads"
+        )
+
+
+__all__ = ["VisionTransformer", "endpoint_cfg", "existing_no_weight_decay", "EndpointForwardMixin",
+           "check_width_and_heads"]

@@ -1,0 +1,169 @@
+"""Token taps: read a block's output patch tokens from any timm model with a forward hook.
+
+No model is rewritten and no second forward is needed: a hook on the tapped module
+captures its output during the ordinary forward. ``stop_early`` aborts the forward
+right after the tap, for when only the tokens are wanted.
+
+Default tap, per family:
+* ViT / DeiT / our WideLast: the last of ``blocks``, prefix (class/register) tokens dropped;
+* CaiT: the last self-attention block (``blocks[-1]``, patch tokens only, before class attention);
+* our Lift: the lifted tokens (``lift_norm``), where the paper applies the feature loss;
+* Swin and other staged models: the last of ``layers``/``stages`` (NHWC or NCHW maps).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+LayerSpec = Optional[Union[int, str]]
+
+
+@dataclass(frozen=True)
+class TapSpec:
+    """Where to tap: the module's dotted name, its output layout and its block index (-1 if not a block)."""
+
+    module_name: str
+    layout: str  # 'NLC' (tokens, may hold prefix tokens), 'NHWC' or 'NCHW' (spatial maps)
+    index: int
+
+
+def _sequence_name(model: nn.Module) -> Tuple[str, str]:
+    for name, layout in (("blocks", "NLC"), ("layers", "NHWC"), ("stages", "NCHW")):
+        if isinstance(getattr(model, name, None), (nn.Sequential, nn.ModuleList)):
+            if name == "layers" and not _is_swin_like(model):
+                layout = "NCHW"
+            return name, layout
+    return "", ""
+
+
+def _is_swin_like(model: nn.Module) -> bool:
+    # timm's Swin family keeps its stage maps channels-last.
+    return "swin" in type(model).__name__.lower() or getattr(model, "output_fmt", "") == "NHWC"
+
+
+def resolve_tap(model: nn.Module, layer: LayerSpec = None) -> TapSpec:
+    """Resolve ``layer`` (block index, negative allowed, or a module name) to a tap on ``model``.
+
+    Raises :class:`UserError` when the model has no such layer.
+    """
+    if isinstance(layer, str) and not layer.lstrip("-").isdigit():
+        modules = dict(model.named_modules())
+        if layer not in modules:
+            raise UserError(f"model {type(model).__name__} has no module named {layer!r}; "
+                            "pass a block index or one of its module names (see model.named_modules())")
+        # 3-d outputs are tokens whatever the layout says; 4-d maps are channels-last only in Swin.
+        layout = "NHWC" if _is_swin_like(model) else "NCHW"
+        return TapSpec(layer, layout, -1)
+    if layer is None and hasattr(model, "lift_norm") and not isinstance(model.lift_norm, nn.Identity):
+        return TapSpec("lift_norm", "NLC", len(model.blocks) - 1)
+    seq_name, layout = _sequence_name(model)
+    if not seq_name:
+        raise UserError(f"model {type(model).__name__} has no blocks/layers/stages to tap tokens from; "
+                        "pass --layer with a module name that outputs tokens")
+    count = len(getattr(model, seq_name))
+    index = count - 1 if layer is None else int(layer)
+    if not -count <= index < count:
+        raise UserError(f"layer {layer} is out of range: {type(model).__name__} has {count} {seq_name} "
+                        f"(use 0..{count - 1} or negative indices)")
+    index %= count
+    return TapSpec(f"{seq_name}.{index}", layout, index)
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass once the tapped tokens are captured."""
+
+
+def _patch_grid(model: nn.Module, input_hw: Tuple[int, int]) -> Optional[Tuple[int, int]]:
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is None:
+        return None
+    if hasattr(patch_embed, "dynamic_feat_size"):
+        return tuple(patch_embed.dynamic_feat_size(input_hw))
+    patch = patch_embed.patch_size
+    patch = (patch, patch) if isinstance(patch, int) else patch
+    return input_hw[0] // patch[0], input_hw[1] // patch[1]
+
+
+def to_patch_tokens(output: torch.Tensor, spec: TapSpec, model: nn.Module,
+                    input_hw: Tuple[int, int]) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """Turn a tapped module's output into ``[B, N, D]`` patch tokens and their ``(H, W)`` grid."""
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    if output.ndim == 4:
+        if spec.layout == "NCHW":
+            output = output.permute(0, 2, 3, 1)
+        batch, height, width, channels = output.shape
+        return output.reshape(batch, height * width, channels), (height, width)
+    if output.ndim != 3:
+        raise UserError(f"{spec.module_name} outputs a {output.ndim}-d tensor, not tokens; choose another --layer")
+    grid = _patch_grid(model, input_hw)
+    tokens = output.shape[1]
+    if grid is None or grid[0] * grid[1] > tokens:
+        side = int(round(tokens ** 0.5))
+        grid = (side, tokens // max(side, 1))
+    # Whatever precedes the grid tokens (class, distillation, register tokens) is a prefix; CaiT's SA blocks have none.
+    prefix = tokens - grid[0] * grid[1]
+    return output[:, prefix:], grid
+
+
+class TokenTap:
+    """Context manager capturing one module's output as patch tokens during a forward pass.
+
+    After ``model(x)`` inside the context, ``tap.tokens`` is ``[B, N, D]`` and ``tap.grid`` is ``(H, W)``.
+    With ``stop_early=True`` use :meth:`run` (or :func:`extract_tokens`): the forward ends at the tap.
+    With ``detach=False`` gradients flow through the captured tokens (for feature losses).
+    """
+
+    def __init__(self, model: nn.Module, layer: LayerSpec = None, stop_early: bool = False,
+                 detach: bool = True) -> None:
+        self.model = model
+        self.spec = resolve_tap(model, layer)
+        self.module = model.get_submodule(self.spec.module_name)
+        self.stop_early = stop_early
+        self.detach = detach
+        self.tokens: Optional[torch.Tensor] = None
+        self.grid: Optional[Tuple[int, int]] = None
+        self._input_hw: Tuple[int, int] = (0, 0)
+        self._handles = []
+
+    def _pre_hook(self, module: nn.Module, args) -> None:
+        if args and isinstance(args[0], torch.Tensor) and args[0].ndim == 4:
+            self._input_hw = tuple(args[0].shape[-2:])
+
+    def _hook(self, module: nn.Module, args, output) -> None:
+        tokens, grid = to_patch_tokens(output, self.spec, self.model, self._input_hw)
+        self.tokens = tokens.detach() if self.detach else tokens
+        self.grid = grid
+        if self.stop_early:
+            raise _StopForward
+
+    def __enter__(self) -> "TokenTap":
+        self._handles = [self.model.register_forward_pre_hook(self._pre_hook),
+                         self.module.register_forward_hook(self._hook)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def run(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Forward ``x``; returns the model output, or None when the forward stopped at the tap."""
+        try:
+            return self.model(x)
+        except _StopForward:
+            return None
+
+
+def extract_tokens(model: nn.Module, x: torch.Tensor, layer: LayerSpec = None) -> torch.Tensor:
+    """Patch tokens ``[B, N, D]`` of ``layer``, running the model only as far as that layer."""
+    with TokenTap(model, layer, stop_early=True) as tap:
+        tap.run(x)
+    if tap.tokens is None:
+        raise UserError(f"{tap.spec.module_name} was never run in the forward pass; choose another --layer")
+    return tap.tokens
