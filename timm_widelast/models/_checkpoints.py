@@ -116,7 +116,8 @@ def convert_state_dict(
         state_dict = _from_lift_release(state_dict)
     target = model.state_dict()
     state_dict = {k: v for k, v in state_dict.items() if k in target or not k.startswith(_TRAINING_ONLY_PREFIXES)}
-    if "pos_embed" in state_dict and "pos_embed" in target and state_dict["pos_embed"].shape != target["pos_embed"].shape:
+    pos_embed = state_dict.get("pos_embed")
+    if pos_embed is not None and "pos_embed" in target and pos_embed.shape != target["pos_embed"].shape:
         state_dict["pos_embed"] = _resample_pos_embed(state_dict["pos_embed"], model)
 
     warm_start = not any(k in state_dict for k in _endpoint_keys(model))

@@ -15,8 +15,8 @@ from typing import List, Optional, Set
 
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.vision_transformer import init_weights_vit_timm
 from timm.models._manipulate import checkpoint_seq
+from timm.models.vision_transformer import init_weights_vit_timm
 from torch import nn
 
 from ._checkpoints import load_release_checkpoint, load_student_state_dict, student_filter_fn

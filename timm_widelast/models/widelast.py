@@ -18,8 +18,13 @@ from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import nn
 
 from ._checkpoints import load_release_checkpoint, load_student_state_dict, student_filter_fn
-from ._common import EndpointForwardMixin, VisionTransformer, check_width_and_heads, endpoint_cfg, \
-    existing_no_weight_decay
+from ._common import (
+    EndpointForwardMixin,
+    VisionTransformer,
+    check_width_and_heads,
+    endpoint_cfg,
+    existing_no_weight_decay,
+)
 
 __all__ = ["WideBlock", "WideLastVisionTransformer"]
 
