@@ -1,0 +1,139 @@
+"""Build the model and pull patch-token matrices [B, N, D] out of a chosen block.
+
+The tap (which module, how many prefix tokens, which layout) comes from
+``timm_widelast.taps.resolve_tap``, so every tool in the package agrees on the
+default layer. A forward hook stops the model right after that module, so we never
+pay for the layers behind it.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..taps import resolve_tap, to_patch_tokens
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKEN_POLICIES = ("patch", "all")
+
+
+def parse_model_kwargs(pairs: Sequence[str] | None) -> dict[str, Any]:
+    """``["k=v", ...]`` -> dict, values read as Python literals when they parse as one."""
+    out: dict[str, Any] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"model kwarg {pair!r} is not key=value; fix: write e.g. --model-kwargs lift_dim=320")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def load_checkpoint_weights(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file or a torch file loaded with weights_only=True.
+
+    DeiT-style training dicts ({'model': ..., 'args': Namespace}) are unwrapped; the
+    only class allowed besides tensors is argparse.Namespace.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path!r} not found; fix: pass an existing .safetensors/.pth file")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"cannot read checkpoint {path!r} safely ({type(err).__name__}); "
+                        "fix: save a plain state dict or .safetensors file") from err
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise UserError(f"checkpoint {path!r} holds no state dict; fix: save model.state_dict()")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def build_model(name: str, checkpoint: Optional[str] = None, pretrained: Optional[bool] = None,
+                model_kwargs: Optional[dict] = None) -> nn.Module:
+    """timm.create_model with our models registered; weights from the hub or a checkpoint. Eval mode."""
+    import timm
+
+    import timm_widelast  # noqa: F401  (registers deit_tiny_lift / deit_tiny_widelast)
+
+    if pretrained is None:
+        pretrained = checkpoint is None
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **(model_kwargs or {}))
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise UserError(f"cannot create model {name!r}: {err}; "
+                        "fix: check the name (timm.list_models) and --model-kwargs, or use --no-pretrained") from err
+    if checkpoint:
+        missing, unexpected = model.load_state_dict(load_checkpoint_weights(checkpoint), strict=False)
+        if missing or unexpected:
+            raise UserError(f"checkpoint {checkpoint!r} does not fit {name!r} ({len(missing)} missing keys, "
+                            f"{len(unexpected)} unexpected, e.g. {(missing + unexpected)[:2]}); "
+                            "fix: pass the matching --model / --model-kwargs")
+    return model.eval()
+
+
+class _Stop(Exception):
+    """Raised inside the hook so the forward pass ends at the tapped module."""
+
+
+class TokenExtractor:
+    """Runs a model up to the tapped module and returns its tokens [B, N, D] (float32, detached).
+
+    The tap and the patch-token rule (prefix tokens dropped, maps flattened) are the
+    package's own (``timm_widelast.taps``); policy ``"all"`` keeps the prefix tokens.
+    """
+
+    def __init__(self, model: nn.Module, layer: int | str | None = None, policy: str = "patch"):
+        if policy not in TOKEN_POLICIES:
+            raise UserError(f"unknown token policy {policy!r}; fix: use one of {', '.join(TOKEN_POLICIES)}")
+        self.model, self.policy = model, policy
+        self.spec = resolve_tap(model, layer)
+        self.module = model.get_submodule(self.spec.module_name)
+        self.num_prefix_tokens = 0  # known after the first batch
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        captured: list[Any] = []
+
+        def hook(_module, _inputs, output):
+            captured.append(output[0] if isinstance(output, (tuple, list)) else output)
+            raise _Stop
+
+        handle = self.module.register_forward_hook(hook)
+        try:
+            self.model(images)
+        except _Stop:
+            pass
+        except (RuntimeError, AssertionError, ValueError) as err:
+            raise UserError(f"the model's forward pass fails on input {tuple(images.shape)}: {err}; "
+                            "fix: check --model-kwargs (e.g. img_size) and the preprocessing") from err
+        finally:
+            handle.remove()
+        if not captured:
+            raise UserError(f"module {self.spec.module_name!r} never ran in the forward pass; "
+                            "fix: pick a block on the model's main path with --layer")
+        out = captured[0]
+        if not torch.is_tensor(out) or out.dim() not in (3, 4):
+            shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+            raise UserError(f"module {self.spec.module_name!r} outputs {shape}, not tokens; "
+                            "fix: pick a block that outputs [B, N, D] tokens or a feature map with --layer")
+        tokens, _grid = to_patch_tokens(out, self.spec, self.model, tuple(images.shape[-2:]))
+        if out.dim() == 3:
+            self.num_prefix_tokens = out.shape[1] - tokens.shape[1]
+            if self.policy == "all":
+                tokens = out
+        return tokens.float()
