@@ -122,6 +122,10 @@ def convert_state_dict(
 
     warm_start = not any(k in state_dict for k in _endpoint_keys(model))
     fitting = {k: v for k, v in state_dict.items() if k in target and v.shape == target[k].shape}
+    if warm_start:
+        # A module is loaded whole or not at all: a narrow head's bias must not sit beside a fresh wide weight.
+        broken = {k.rsplit(".", 1)[0] for k in target if k not in fitting}
+        fitting = {k: v for k, v in fitting.items() if k.rsplit(".", 1)[0] not in broken}
     mis_shaped = sorted(k for k in state_dict if k in target and state_dict[k].shape != target[k].shape)
     unexpected = sorted(k for k in state_dict if k not in target)
     missing = sorted(k for k in target if k not in state_dict)
