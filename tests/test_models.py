@@ -419,3 +419,33 @@ def test_checkpoints_with_arbitrary_objects_are_refused(tmp_path):
     torch.save({"model": {"x": torch.zeros(1)}, "payload": _Payload()}, path)
     with pytest.raises(CheckpointMismatchError, match="refusing to unpickle"):
         _load_file("deit_tiny_widelast", str(path), **TINY["deit_tiny_widelast"])
+
+
+def test_default_tag_loads_the_release_file_from_the_hub_cache(tmp_path):
+    """The real pretrained path: hf_hub_download of the authors' .pth, resolved offline from a populated cache."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, wide_dim=64, wide_heads=4)
+    weights = _random_like(timm.create_model("deit_tiny_widelast", **kwargs), seed=6)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--Huiyuancs--Encoding_Mismatch"
+    snapshot = repo / "snapshots" / commit / "models" / "WideLast"
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    _deit_style_file(snapshot, weights, "pytorch_model.pth")
+    torch.save(weights, tmp_path / "expected.pt")
+    script = textwrap.dedent(f"""
+        import timm, torch, timm_widelast
+        model = timm.create_model('deit_tiny_widelast', pretrained=True, **{kwargs!r})
+        expected = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
+        assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+        print('loaded', model.pretrained_cfg['tag'])
+    """)
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "loaded cait_s24_softkd_mse_in1k" in result.stdout
