@@ -110,6 +110,8 @@ def run_sep(args: argparse.Namespace) -> int:
         raise UserError(f"--num-images {args.num_images} must be at least 1; fix: pass a positive number")
     state = _init_processes()
     kwargs = parse_model_kwargs(args.model_kwargs)
+    # a randomly initialised model must be the same in every process (and every run)
+    torch.manual_seed(args.seed)
     model = build_model(args.model, args.checkpoint, args.pretrained, kwargs)
     transform = model_transform(model)
     if args.images:
