@@ -1,0 +1,94 @@
+"""Shared fixtures for the publishing tests: a tiny trained run folder and its export."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Dict
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+TINY_KWARGS: Dict = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, wide_dim=64, wide_heads=2,
+                         num_classes=10)
+# 1x1 transparent PNG
+PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+                    "1f15c4890000000d49444154789c6360000002000001e221bc330000000049454e44ae426082")
+
+
+def tiny_model():
+    import timm
+
+    import timm_widelast  # noqa: F401
+
+    torch.manual_seed(0)
+    return timm.create_model("deit_tiny_widelast", **TINY_KWARGS)
+
+
+def train_tiny(model, steps: int = 3):
+    """A few SGD steps on random data: a 'model trained in the tests' whose eval we record."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (16,), generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    rows = []
+    for epoch in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.eval()
+        with torch.no_grad():
+            top = model(x).topk(5, dim=1).indices
+        model.train()
+        top1 = 100.0 * (top[:, 0] == y).float().mean().item()
+        top5 = 100.0 * (top == y[:, None]).any(1).float().mean().item()
+        rows.append({"epoch": epoch, "train_loss": f"{loss.item():.6f}", "eval_loss": f"{loss.item():.6f}",
+                     "eval_top1": f"{top1:.4f}", "eval_top5": f"{top5:.4f}", "lr": 0.05})
+    model.eval()
+    return rows
+
+
+def make_run(root: Path) -> Dict:
+    """run/ with model.safetensors, model_ema.safetensors, args.yaml, summary.csv and a SEP report folder."""
+    run = root / "run"
+    run.mkdir(parents=True)
+    model = tiny_model()
+    rows = train_tiny(model)
+    save_file(model.state_dict(), str(run / "model.safetensors"))
+    ema = {k: v + 0.01 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    save_file(ema, str(run / "model_ema.safetensors"))
+    args = {"model": "deit_tiny_widelast", "model_kwargs": {k: v for k, v in TINY_KWARGS.items() if k != "num_classes"},
+            "num_classes": 10, "img_size": 32, "kd_model_name": "cait_s24_224", "kd_model_tag": "fb_dist_in1k",
+            "kd_alpha": 0.9, "kd_temperature": 1.0, "feature_loss": "mse", "feat_weight": 0.2, "epochs": 3,
+            "batch_size": 16, "lr": 0.05, "opt": "sgd", "dataset": "random-tensors", "smoothing": 0.1}
+    (run / "args.yaml").write_text(yaml.safe_dump(args), encoding="utf-8")
+    with (run / "summary.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    report = run / "sep_report"
+    report.mkdir()
+    (report / "report.json").write_text(json.dumps({
+        "schema": "timm-widelast/sep-report/v1",
+        "model": {"name": "deit_tiny_widelast", "label": "tiny", "dim": 64, "tap": "blocks.1", "tokens": 16},
+        "data": {"num_images": 8},
+        "settings": {"thresholds": [0.8, 0.9, 0.95, 0.99], "percentiles": [99]},
+        "svd": {"percentiles": {"99": [1, 2, 3, 7]}},
+        "pca": {"percentiles": {"99": [5, 9, 14, 30]}},
+        "sep": {"levels": [50, 60, 70, 80, 90], "d": [32, 39, 45, 52, 58], "b": [0.5, 0.61, 0.703, 0.812, 0.906]},
+    }), encoding="utf-8")
+    (report / "report.md").write_text("# SEP report: tiny\n", encoding="utf-8")
+    (report / "sep_curve.png").write_bytes(PNG)
+    return {"run": run, "model": model, "rows": rows, "ema": ema, "args": args}
+
+
+def make_run_and_export(root: Path) -> Dict:
+    """The run folder and one export of it (raw weights); tests wrap this in a session fixture."""
+    from timm_widelast.hub.export import export
+
+    info = make_run(root)
+    info["export"] = export(info["run"], root / "export")
+    return info
