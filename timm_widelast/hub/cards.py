@@ -23,6 +23,8 @@ PAPER_URL = "https://arxiv.org/abs/2511.15572"
 RELEASE_REPO = "Huiyuancs/Encoding_Mismatch"
 DEIT_BASES = {192: "timm/deit_tiny_patch16_224.fb_in1k", 384: "timm/deit_small_patch16_224.fb_in1k"}
 PLACEHOLDER_REPO = "your-org/your-model"
+# Marks the note about the placeholder repo; push drops it once the real repo id is filled in.
+NOTE_START, NOTE_END = "<!-- placeholder-repo -->", "<!-- /placeholder-repo -->"
 
 
 def template_path() -> Path:

@@ -384,9 +384,9 @@ def run_card_info(model: nn.Module, name: str, kwargs: Dict[str, Any], source: R
         model_ref=f"hf-hub:{ref}", pretrained=True, summary=summary, teacher=teacher,
         base_model=_base_model(args, model), show_paper_table=dataset_id == "imagenet-1k",
         weights_note=f"{'EMA' if source.ema else 'raw'} weights from `{source.weights.name}`",
-        usage_note=None if repo_id else (f"Replace `{cards.PLACEHOLDER_REPO}` with the repo this folder is pushed "
-                                         "to (`timm-widelast push` does it), or load the folder with "
-                                         "`'local-dir:/path/to/export'`."),
+        usage_note=None if repo_id else (f"{cards.NOTE_START}The snippets name a placeholder repo, "
+                                         f"`{cards.PLACEHOLDER_REPO}`; `timm-widelast push` fills in the real one. "
+                                         f"A local copy loads with `'local-dir:/path/to/export'`.{cards.NOTE_END}"),
         results_intro=intro,
         sep=cards.sep_section(report, report_folder or REPORT_FOLDER, figure) if report else None,
     )

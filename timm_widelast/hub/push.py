@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
 from ..errors import UserError
+from . import cards
 from .export import RECORD_NAME, check_export
 
 DEFAULT_MESSAGE = "Add timm-widelast model"
@@ -68,6 +70,8 @@ def plan_push(folder: Union[str, Path], repo_id: str) -> PushPlan:
             # The card's snippets name the repo; fill in the real one without touching the folder.
             text = (folder / "README.md").read_text(encoding="utf-8")
             new = text.replace(f"hf-hub:{carded}", f"hf-hub:{repo_id}")
+            new = re.sub(re.escape(cards.NOTE_START) + ".*?" + re.escape(cards.NOTE_END) + r"\n*", "", new,
+                         flags=re.S)
             if new != text:
                 readme = new.encode("utf-8")
     return PushPlan(folder, repo_id, files, readme)
