@@ -195,7 +195,7 @@ def run_report(model: nn.Module, images: Any, out_dir: Optional[str | os.PathLik
     for idx, x, bad in batches("sep pass 1"):
         for i, err in bad:
             bad_images.append((i, err))
-            if main or on_bad_image == "skip":
+            if on_bad_image == "skip":
                 log.warning("skipping unreadable image %s", err)
         if bad and on_bad_image == "stop":
             break

@@ -1,0 +1,140 @@
+"""Benchmark of `timm-widelast sep` on CPU: analysis cost beyond the bare forward, and vs plain NumPy.
+
+    python benchmarks/diagnostics.py                      # deit_small_patch16_224, 224 px, 256 images
+    python benchmarks/diagnostics.py --num-images 64 --repeats 1   # quick
+
+(a) the bare forward pass to the tapped layer (same early stop, same batches);
+(b) the full analysis (``run_report``: SVD + PCA + SEP with 3 permutations, no plots);
+(c) a straightforward per-image NumPy reference of the same statistics (it keeps all tokens
+    in memory for the PCA, as the obvious implementation does).
+Each role runs in its own subprocess so that its peak RSS (ru_maxrss) is its own. Random
+weights (pretrained=False) and random inputs; the timings do not depend on the values.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+THRESHOLDS = (0.8, 0.9, 0.95, 0.99)
+LEVELS = (50, 60, 70, 80, 90)
+
+
+def setup(args):
+    import timm
+
+    import timm_widelast  # noqa: F401
+
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, pretrained=False).eval()
+    images = torch.randn(args.num_images, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(0))
+    return model, images
+
+
+def bare_forward(model, images, batch_size):
+    from timm_widelast.diagnostics import TokenExtractor
+
+    ext = TokenExtractor(model)
+    for start in range(0, len(images), batch_size):
+        ext(images[start: start + batch_size])
+
+
+def ours(model, images, batch_size):
+    from timm_widelast.diagnostics import run_report
+
+    return run_report(model, images, None, batch_size=batch_size, progress=False, plots=False)
+
+
+def reference(model, images, batch_size):
+    """Per image: numpy SVD, numpy FFT; PCA from all tokens held in memory."""
+    from timm_widelast.diagnostics import TokenExtractor
+
+    ext = TokenExtractor(model)
+    all_tokens, svd_ranks, sep_sum, count = [], [], None, 0
+    for start in range(0, len(images), batch_size):
+        for x in ext(images[start: start + batch_size]).numpy().astype(np.float64):
+            all_tokens.append(x)
+            e = np.linalg.svd(x, compute_uv=False) ** 2
+            cum = np.cumsum(e) / e.sum()
+            svd_ranks.append([int(np.argmax(cum >= t)) + 1 for t in THRESHOLDS])
+            p = np.abs(np.fft.fft(x, axis=-1)) ** 2
+            curves = 100 * np.cumsum(p, -1) / p.sum(-1, keepdims=True)
+            sep_sum = curves.sum(0) if sep_sum is None else sep_sum + curves.sum(0)
+            count += len(x)
+    stacked = np.concatenate(all_tokens)
+    w, v = np.linalg.eigh(stacked.T @ stacked / len(stacked))
+    v = v[:, np.argsort(w)[::-1]]
+    pca = []
+    for x in all_tokens:
+        e = np.cumsum(((x @ v) ** 2).sum(0)) / (x**2).sum()
+        pca.append([int(np.argmax(e >= t)) + 1 for t in THRESHOLDS])
+    mean = sep_sum / count
+    d = [int(np.argmax(mean >= a)) + 1 for a in LEVELS]
+    return {"svd": np.percentile(svd_ranks, 99, axis=0).tolist(), "pca": np.percentile(pca, 99, axis=0).tolist(),
+            "sep_d": d}
+
+
+def run_role(args) -> None:
+    torch.set_num_threads(args.threads)
+    model, images = setup(args)
+    fn = {"bare": bare_forward, "ours": ours, "reference": reference}[args.role]
+    fn(model, images[: args.batch_size], args.batch_size)  # warm-up batch
+    times, out = [], None
+    for _ in range(args.ref_repeats if args.role == "reference" else args.repeats):
+        t0 = time.perf_counter()
+        out = fn(model, images, args.batch_size)
+        times.append(time.perf_counter() - t0)
+    result = {"role": args.role, "median_s": statistics.median(times), "times": times,
+              "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if args.role == "ours":
+        result["table"] = {"svd": out["svd"]["percentiles"]["99"], "pca": out["pca"]["percentiles"]["99"],
+                           "sep_d": out["sep"]["d"], "pass2": out["settings"]["pass2"]}
+    elif args.role == "reference":
+        result["table"] = out
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="deit_small_patch16_224")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--num-images", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--ref-repeats", type=int, default=1, help="repeats of the (slow) NumPy reference")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--role", choices=("bare", "ours", "reference"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.role:
+        return run_role(args)
+    results = {}
+    base = [sys.executable, __file__] + [a for a in sys.argv[1:]]
+    for role in ("bare", "ours", "reference"):
+        proc = subprocess.run(base + ["--role", role], capture_output=True, text=True, check=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+        results[role] = json.loads(line[7:])
+        runs = ", ".join(f"{t:.2f}" for t in results[role]["times"])
+        print(f"{role:9s} median {results[role]['median_s']:.2f} s  (runs {runs})"
+              f"  peak RSS {results[role]['maxrss_mb']:.0f} MB", flush=True)
+    a, b, ref = (results[r]["median_s"] for r in ("bare", "ours", "reference"))
+    print(f"\n{args.model} @ {args.img_size}px, {args.num_images} images, batch {args.batch_size}, "
+          f"{args.threads} threads, torch {torch.__version__}")
+    print(f"(a) bare forward to the tap : {a:.2f} s")
+    print(f"(b) full sep analysis       : {b:.2f} s   b/a = {b / a:.3f}  (goal <= 1.15)")
+    print(f"(c) per-image NumPy reference: {ref:.2f} s   speed-up c/b = {ref / b:.2f}x; "
+          f"analysis beyond the forward: ours {b - a:.2f} s vs reference {ref - a:.2f} s "
+          f"({(ref - a) / max(b - a, 1e-9):.1f}x)")
+    rss = {r: f"{results[r]['maxrss_mb']:.0f} MB" for r in results}
+    print(f"peak RSS: ours {rss['ours']}, reference {rss['reference']}, bare forward {rss['bare']}")
+    print(f"p99 tables agree: ours {results['ours']['table']}  reference {results['reference']['table']}")
+
+
+if __name__ == "__main__":
+    main()
