@@ -274,6 +274,40 @@ def create_datasets(args: argparse.Namespace):
     return datasets[0], datasets[1]
 
 
+class SeededAugDataset(torch.utils.data.Dataset):
+    """Makes each sample's augmentation a pure function of (seed, rank, epoch, index).
+
+    The global RNGs are left untouched (forked and restored around each sample). So a resumed
+    run sees the same augmentations as an uninterrupted one, whatever the worker count, and
+    even though Accelerate's loader fetches one batch ahead of the checkpoint it saves.
+    """
+
+    def __init__(self, dataset, seed: int, rank: int) -> None:
+        self.dataset, self.seed, self.rank, self.epoch = dataset, seed, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        import random
+
+        import numpy as np
+        seed = int(np.random.SeedSequence([self.seed, self.rank, self.epoch, int(index)]).generate_state(1)[0])
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
 def count_classes(dataset) -> Optional[int]:
     reader = getattr(dataset, "reader", None)
     class_to_idx = getattr(reader, "class_to_idx", None) or getattr(dataset, "class_to_idx", None)
@@ -452,6 +486,7 @@ def train(args: Union[argparse.Namespace, Dict[str, Any]]) -> Dict[str, Any]:
         hflip=args.hflip, color_jitter=args.color_jitter, auto_augment=args.aa,
         interpolation=args.train_interpolation, mean=data_config["mean"], std=data_config["std"],
         re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+    train_set = SeededAugDataset(train_set, args.seed, accelerator.process_index)
     loader_kwargs = dict(num_workers=args.workers, pin_memory=args.pin_mem, persistent_workers=False)
     repeat_aug = args.aug_repeats > 0 and accelerator.num_processes > 1
     if repeat_aug:
@@ -518,7 +553,8 @@ def train(args: Union[argparse.Namespace, Dict[str, Any]]) -> Dict[str, Any]:
         warmup_lr=args.warmup_lr, min_lr=args.min_lr, cooldown_epochs=args.cooldown_epochs,
         decay_epochs=args.decay_epochs, decay_rate=args.decay_rate, step_on_epochs=False,
         updates_per_epoch=updates_per_epoch)
-    accelerator.register_for_checkpointing(scheduler)
+    if scheduler is not None:  # --sched none
+        accelerator.register_for_checkpointing(scheduler)
     ema = None
     if args.model_ema:
         # after prepare: DDP has broadcast rank 0's weights, so every rank's EMA starts equal
@@ -562,11 +598,14 @@ def train(args: Union[argparse.Namespace, Dict[str, Any]]) -> Dict[str, Any]:
     loss_keys = ("loss", "task_loss", "kd_loss", "feat_loss")
     for epoch in range(start_epoch, num_epochs):
         task.train()
+        train_set.set_epoch(epoch)
         train_loader.set_epoch(epoch)
         loader = train_loader
         sums: Dict[str, float] = defaultdict(float)
         if start_batch:
             loader = accelerator.skip_first_batches(train_loader, start_batch)
+            # a fresh loader counts its own epochs from 0 and would replay epoch 0's order: set it explicitly
+            loader.set_epoch(epoch)
             sums.update(partial)
         bar = tqdm(loader, main_process_only=True, disable=not args.progress, desc=f"epoch {epoch}",
                    initial=start_batch, total=len(train_loader))
@@ -593,7 +632,8 @@ def train(args: Union[argparse.Namespace, Dict[str, Any]]) -> Dict[str, Any]:
             if not accelerator.sync_gradients:
                 continue
             num_updates += 1
-            scheduler.step_update(num_updates=num_updates)
+            if scheduler is not None:
+                scheduler.step_update(num_updates=num_updates)
             if ema is not None:
                 ema.update(task.student, step=num_updates)
             if num_updates % max(args.log_interval, 1) == 0:
@@ -608,7 +648,8 @@ def train(args: Union[argparse.Namespace, Dict[str, Any]]) -> Dict[str, Any]:
                 accelerator.end_training()
                 return {"stopped": True, "num_updates": num_updates, "output_dir": str(run_dir)}
         start_batch = 0
-        scheduler.step(epoch + 1)
+        if scheduler is not None:
+            scheduler.step(epoch + 1)
 
         row: Dict[str, Any] = {"epoch": epoch}
         row.update({f"train_{k}" if k == "loss" else k: sums[k] / max(sums["batches"], 1) for k in loss_keys})
