@@ -208,7 +208,8 @@ def describe_family(model: nn.Module, architecture: str) -> Tuple[str, str]:
     schedule = (f"its last block to {wide} wide with {last_heads} heads" if widened == 1 else
                 f"its last {widened} blocks through widths {dims}")
     return "WideLast", (
-        f"WideLast keeps the first {depth - widened} blocks of {base} (width {narrow}, {heads} heads) and widens only "
+        f"WideLast keeps the first {depth - widened} block{'s' if depth - widened != 1 else ''} of {base} "
+        f"(width {narrow}, {heads} heads) and widens only "
         f"{schedule}: a widening block first lifts every token (class token included) with Linear(no bias) + "
         f"LayerNorm, then runs an ordinary pre-norm ViT block at the new width; the final norm and the class-token "
         f"head are {wide} wide. The paper finds that a narrow student with a throw-away linear adapter cannot match a "
