@@ -110,8 +110,6 @@ class WideLastVisionTransformer(EndpointForwardMixin, VisionTransformer):
         if global_pool in ("map", "prr"):
             raise ValueError(f"global_pool={global_pool!r} is not supported by WideLast; use 'token' or 'avg'")
         dims, heads = _width_schedule(embed_dim, depth, num_heads, wide_dim, wide_heads, block_dims, block_heads)
-        if dims[0] != embed_dim:
-            raise ValueError(f"the first block must run at embed_dim={embed_dim}, got block_dims[0]={dims[0]}")
         base_block = kwargs.pop("block_fn", Block)
 
         def block_fn(dim: int, num_heads: int, depth: int = 0, **block_kwargs) -> nn.Module:
