@@ -1,4 +1,6 @@
-"""`timm-widelast <command>`: one entry point, one module per command group.
+"""timm-widelast: Lift / WideLast students for timm (models, diagnostics, publishing, demo).
+
+One entry point, one module per command group.
 
 Each command module exposes ``add_commands(subparsers)``; each command sets
 ``func`` on its parser. User mistakes raise :class:`UserError` and are printed as
