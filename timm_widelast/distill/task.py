@@ -18,7 +18,7 @@ from timm.utils.model import unwrap_model
 from torch import nn
 
 from ..errors import UserError
-from ..taps import LayerSpec, TokenTap
+from ..taps import LayerSpec, TokenTap, resolve_tap
 from .endpoints import EndpointAligner, channel_avg_pool, resize_grid
 from .losses import FEATURE_LOSSES, feature_loss, soft_kd_loss
 from .teacher import FrozenTeacher
@@ -125,19 +125,19 @@ class EndpointDistillationTask(TrainingTask):
             teacher = FrozenTeacher(teacher, teacher_layer, cfg.get("mean", (0.485, 0.456, 0.406)),
                                     cfg.get("std", (0.229, 0.224, 0.225)))
         self.teacher: Optional[FrozenTeacher] = teacher if use_teacher else None
+        # what this task asks of the teacher on each call (the teacher object itself is not modified)
+        self.teacher_layer = teacher_layer
         if self.teacher is not None:
-            self.teacher.need_logits = distill_loss_weight > 0
-            self.teacher.need_tokens = feat_loss != "none"
-            if self.teacher.need_tokens:
-                self.teacher.layer = teacher_layer
-            if self.teacher.need_logits:
+            if teacher_layer is not None:
+                resolve_tap(self.teacher.model, teacher_layer)  # a missing layer fails here, not mid-training
+            if distill_loss_weight > 0:
                 self._check_label_space(student, self.teacher)
 
         projector = None
         self.width_mode = "none"
         self.aligner: Optional[EndpointAligner] = None
         if feat_loss != "none":
-            s_dim, t_dim = self._probe_widths(student, self.teacher, student_layer, probe_size)
+            s_dim, t_dim = self._probe_widths(student, self.teacher, student_layer, teacher_layer, probe_size)
             # The aligner has no parameters of its own: its projector moves into DistillStudent (trainable).
             aligner = EndpointAligner(s_dim, t_dim, width_align)
             projector, aligner.projector = aligner.projector, None
@@ -156,7 +156,7 @@ class EndpointDistillationTask(TrainingTask):
 
     @staticmethod
     @torch.no_grad()
-    def _probe_widths(student: nn.Module, teacher: FrozenTeacher, layer: LayerSpec,
+    def _probe_widths(student: nn.Module, teacher: FrozenTeacher, layer: LayerSpec, teacher_layer: LayerSpec,
                       probe_size: Optional[Tuple[int, int]]) -> Tuple[int, int]:
         """Run one 1-image forward of each model to read the endpoint widths (architecture-agnostic)."""
         from .teacher import model_input_size
@@ -171,7 +171,8 @@ class EndpointDistillationTask(TrainingTask):
         if tap.tokens is None:
             raise UserError(f"student layer {tap.spec.module_name} never ran in the forward pass")
         t_param = next(teacher.model.parameters())
-        _, t_tokens, _ = teacher(x.to(t_param.device, t_param.dtype))
+        _, t_tokens, _ = teacher(x.to(t_param.device, t_param.dtype), need_logits=False, need_tokens=True,
+                                 layer=teacher_layer)
         return tap.tokens.shape[-1], t_tokens.shape[-1]
 
     # --- timm TrainingTask API -------------------------------------------------------------------------
@@ -246,7 +247,8 @@ class EndpointDistillationTask(TrainingTask):
         zero = task_loss.new_zeros(())
         kd_loss, feat = zero, zero
         if self.teacher is not None:
-            t_logits, t_tokens, t_grid = self.teacher(input)
+            t_logits, t_tokens, t_grid = self.teacher(input, need_logits=self.distill_loss_weight > 0,
+                                                      need_tokens=self.feat_loss != "none", layer=self.teacher_layer)
             if self.distill_loss_weight > 0:
                 kd_loss = soft_kd_loss(logits, t_logits, self.temperature)
             if self.feat_loss != "none":

@@ -138,13 +138,18 @@ class FrozenTeacher(nn.Module):
         return x
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor],
-                                                 Optional[Tuple[int, int]]]:
+    def forward(self, x: torch.Tensor, need_logits: Optional[bool] = None, need_tokens: Optional[bool] = None,
+                layer: LayerSpec = None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor],
+                                                  Optional[Tuple[int, int]]]:
+        """``(logits, tokens, grid)``; per-call flags override the defaults so one teacher can serve many tasks."""
+        need_logits = self.need_logits if need_logits is None else need_logits
+        need_tokens = self.need_tokens if need_tokens is None else need_tokens
+        layer = self.layer if layer is None else layer
         x = self.preprocess(x)
-        if not self.need_tokens:
+        if not need_tokens:
             return self.model(x), None, None
         # Without soft KD the forward stops at the tap: CaiT's class-attention blocks and the head are skipped.
-        with TokenTap(self.model, self.layer, stop_early=not self.need_logits) as tap:
+        with TokenTap(self.model, layer, stop_early=not need_logits) as tap:
             logits = tap.run(x)
         if tap.tokens is None:
             raise UserError(f"teacher layer {tap.spec.module_name} never ran in the forward pass; choose another "
