@@ -36,9 +36,9 @@ class DatasetPCA:
     # pass 1 ------------------------------------------------------------------
     def update(self, tokens: torch.Tensor) -> None:
         """Add a batch of token matrices [B, N, D] to the second moment."""
-        x = tokens.reshape(-1, tokens.shape[-1]).to(device=self.moment.device, dtype=torch.float64)
-        self.moment += x.T @ x
-        self.total += x.sum(0)
+        x = tokens.reshape(-1, tokens.shape[-1]).to(torch.float64)  # on the tokens' device (GPU stays GPU)
+        self.moment += (x.T @ x).cpu()
+        self.total += x.sum(0).cpu()
         self.count += x.shape[0]
 
     def state(self) -> tuple[torch.Tensor, torch.Tensor, int]:
