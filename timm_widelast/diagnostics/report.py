@@ -145,6 +145,8 @@ def run_report(model: nn.Module, images: Any, out_dir: Optional[str | os.PathLik
     ``images``: a folder path, a tensor [n, 3, H, W] (already preprocessed), or a dataset
     yielding ``(index, tensor | None, error | None)`` (see ``diagnostics.data``).
     With ``out_dir`` the main process writes report.json, report.md and the PNG plots there.
+    ``meta``: ``{"label": ...}`` (shown in tables), or ``{"model": {...}, "data": {...}}`` merged
+    into those report sections. The model is moved to ``device``/``dtype`` in place.
     """
     thresholds = check_thresholds(thresholds)
     for q in percentiles:
@@ -266,15 +268,20 @@ def run_report(model: nn.Module, images: Any, out_dir: Optional[str | os.PathLik
     merged = {k: v[order] for k, v in merged.items()}
     elapsed = time.perf_counter() - start
 
+    meta = dict(meta or {})
+    model_meta, data_meta = dict(meta.pop("model", {}) or {}), dict(meta.pop("data", {}) or {})
+    model_meta.update(meta)  # top-level extras such as {"label": ...} describe the model
+    model_meta.setdefault("name", (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+                          or type(model).__name__)
     names = [images.name(int(i)) if hasattr(images, "name") else str(int(i)) for i in merged["ids"]]
     curves_np = merged["curves"]
     sep_result = sep.result()
     report = {
         "schema": SCHEMA,
-        "model": {**(meta or {}).get("model", {}), "tap": extractor.spec.module_name,
+        "model": {**model_meta, "tap": extractor.spec.module_name,
                   "num_prefix_tokens": extractor.num_prefix_tokens, "layout": extractor.spec.layout,
                   "token_policy": token_policy, "tokens": token_shape[0], "dim": dim, "dtype": dtype},
-        "data": {**(meta or {}).get("data", {}), "num_images": int(len(names)), "requested_images": total,
+        "data": {**data_meta, "num_images": int(len(names)), "requested_images": total,
                  "num_skipped": len(all_bad), "skipped": [err for _, err in all_bad[:100]]},
         "settings": {"thresholds": list(thresholds), "percentiles": [float(q) for q in percentiles],
                      "centre": centre, "sep_mode": sep_mode, "sep_levels": list(sep.levels),
