@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Set, Tuple, Union
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -52,6 +53,13 @@ class EndpointForwardMixin:
 
     def _endpoint(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str, prefix: str = "") -> None:
+        """Load a checkpoint file in any supported layout (authors' ``.pth``, timm DeiT, ours)."""
+        from ._checkpoints import load_release_checkpoint, load_student_state_dict
+
+        load_student_state_dict(self, load_release_checkpoint(checkpoint_path))
 
     def _maybe_norm(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.norm, nn.Identity) or x.shape[-1] != self.num_features:
@@ -97,6 +105,21 @@ class EndpointForwardMixin:
         return self._endpoint(x), intermediates
 
 
+def create_student(model_cls: type, variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """timm's builder with our checkpoint filter and the getter-based ``features_only`` support."""
+    from ._checkpoints import student_filter_fn
+
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        model_cls,
+        variant,
+        pretrained,
+        pretrained_filter_fn=student_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
 def check_width_and_heads(name: str, width: int, heads: int) -> None:
     """Raise a ValueError that lists workable values when ``width`` does not split into ``heads``."""
     if width <= 0 or heads <= 0:
@@ -111,4 +134,4 @@ def check_width_and_heads(name: str, width: int, heads: int) -> None:
 
 
 __all__ = ["VisionTransformer", "endpoint_cfg", "existing_no_weight_decay", "EndpointForwardMixin",
-           "check_width_and_heads"]
+           "check_width_and_heads", "create_student"]

@@ -14,13 +14,12 @@ from __future__ import annotations
 from typing import List, Optional, Set
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import init_weights_vit_timm
 from torch import nn
 
-from ._checkpoints import load_release_checkpoint, load_student_state_dict, student_filter_fn
-from ._common import EndpointForwardMixin, VisionTransformer, endpoint_cfg, existing_no_weight_decay
+from ._common import EndpointForwardMixin, VisionTransformer, create_student, endpoint_cfg, existing_no_weight_decay
 
 __all__ = ["LiftVisionTransformer"]
 
@@ -117,23 +116,6 @@ class LiftVisionTransformer(EndpointForwardMixin, VisionTransformer):
             x = self.blocks(x)
         return self.lift_norm(self.lift_proj(x))
 
-    @torch.jit.ignore
-    def load_pretrained(self, checkpoint_path: str, prefix: str = "") -> None:
-        """Load a checkpoint file in any supported layout (authors' ``.pth``, timm DeiT, ours)."""
-        load_student_state_dict(self, load_release_checkpoint(checkpoint_path))
-
-
-def _create_lift(variant: str, pretrained: bool = False, **kwargs) -> LiftVisionTransformer:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        LiftVisionTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=student_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
-
 
 default_cfgs = generate_default_cfgs({
     # The authors' release: CaiT-S24 teacher, SoftKD + SpectralKD, 77.53 top-1 on ImageNet-1k.
@@ -152,11 +134,11 @@ default_cfgs = generate_default_cfgs({
 def deit_tiny_lift(pretrained: bool = False, **kwargs) -> LiftVisionTransformer:
     """DeiT-Tiny (192) with a kept 192 -> 384 lifting projector and a 384-wide GAP head."""
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, lift_dim=384)
-    return _create_lift("deit_tiny_lift", pretrained=pretrained, **dict(model_args, **kwargs))
+    return create_student(LiftVisionTransformer, "deit_tiny_lift", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def deit_small_lift(pretrained: bool = False, **kwargs) -> LiftVisionTransformer:
     """DeiT-Small (384) with a kept 384 -> 768 lifting projector, for Base-width teachers."""
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, lift_dim=768)
-    return _create_lift("deit_small_lift", pretrained=pretrained, **dict(model_args, **kwargs))
+    return create_student(LiftVisionTransformer, "deit_small_lift", pretrained, **dict(model_args, **kwargs))

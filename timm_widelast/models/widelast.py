@@ -13,15 +13,15 @@ from typing import Callable, List, Optional, Sequence, Set
 
 import torch
 from timm.layers import LayerNorm
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import nn
 
-from ._checkpoints import load_release_checkpoint, load_student_state_dict, student_filter_fn
 from ._common import (
     EndpointForwardMixin,
     VisionTransformer,
     check_width_and_heads,
+    create_student,
     endpoint_cfg,
     existing_no_weight_decay,
 )
@@ -168,23 +168,6 @@ class WideLastVisionTransformer(EndpointForwardMixin, VisionTransformer):
     def _endpoint(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
 
-    @torch.jit.ignore
-    def load_pretrained(self, checkpoint_path: str, prefix: str = "") -> None:
-        """Load a checkpoint file in any supported layout (authors' ``.pth``, timm DeiT, ours)."""
-        load_student_state_dict(self, load_release_checkpoint(checkpoint_path))
-
-
-def _create_widelast(variant: str, pretrained: bool = False, **kwargs) -> WideLastVisionTransformer:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        WideLastVisionTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=student_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
-
 
 default_cfgs = generate_default_cfgs({
     # The authors' release: CaiT-S24 teacher, SoftKD + MSE, 78.23 top-1 on ImageNet-1k.
@@ -203,11 +186,11 @@ default_cfgs = generate_default_cfgs({
 def deit_tiny_widelast(pretrained: bool = False, **kwargs) -> WideLastVisionTransformer:
     """DeiT-Tiny (192, 3 heads) with its last block at 384 / 6 heads, for 384-wide teachers such as CaiT-S24."""
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, wide_dim=384, wide_heads=6)
-    return _create_widelast("deit_tiny_widelast", pretrained=pretrained, **dict(model_args, **kwargs))
+    return create_student(WideLastVisionTransformer, "deit_tiny_widelast", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def deit_small_widelast(pretrained: bool = False, **kwargs) -> WideLastVisionTransformer:
     """DeiT-Small (384, 6 heads) with its last block at 768 / 12 heads, for Base-width teachers."""
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, wide_dim=768, wide_heads=12)
-    return _create_widelast("deit_small_widelast", pretrained=pretrained, **dict(model_args, **kwargs))
+    return create_student(WideLastVisionTransformer, "deit_small_widelast", pretrained, **dict(model_args, **kwargs))
