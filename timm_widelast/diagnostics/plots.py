@@ -60,7 +60,7 @@ def plot_rank_hist(report: dict, path: str | os.PathLike) -> None:
         ax.set(title=f"{100 * t:g}% energy", xlabel="dimensions needed", xlim=(0, dim + 1))
     axes[0][0].set_ylabel("images")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(model_label(report))
+    fig.suptitle(model_label(report), y=1.04)  # above the per-threshold titles
     _save(fig, Path(path))
     plt.close(fig)
 
