@@ -99,6 +99,7 @@ class DemoConfig:
     lr: float = 2e-3
     seeds: int = 1
     diag_images: int = 0  # 0 = the whole validation split
+    threads: int = 1  # these models are tiny: one thread per process beats two contending ones
 
 
 def _heads(width: int) -> int:
@@ -173,11 +174,14 @@ def _fmt_mean(values: List[float]) -> str:
 
 def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     """Run the whole study; returns the results dict also written to ``results.json``."""
+    import torch
+
     from .diagnostics import compare_reports
     from .distill.trainer import train
     from .hub.export import export
 
     started = time.perf_counter()
+    torch.set_num_threads(cfg.threads)
     out = Path(cfg.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -299,7 +303,7 @@ def _command(args: argparse.Namespace) -> int:
                      patch_size=args.patch_size, width=args.width, depth=args.depth, epochs=args.epochs,
                      teacher_epochs=args.teacher_epochs if args.teacher_epochs else args.epochs,
                      batch_size=args.batch_size, lr=args.lr, seeds=args.seeds,
-                     diag_images=args.diag_images)
+                     diag_images=args.diag_images, threads=args.threads)
     if cfg.seeds < 1 or cfg.epochs < 1 or cfg.width < 2 or cfg.img_size % cfg.patch_size:
         raise UserError("need --seeds >= 1, --epochs >= 1, --width >= 2 and --img-size divisible by --patch-size")
     run_demo(cfg)
@@ -321,4 +325,5 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--seeds", type=int, default=defaults.seeds)
     p.add_argument("--diag-images", type=int, default=0, help="images for the diagnostics (0 = all validation)")
+    p.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
     p.set_defaults(func=_command)
