@@ -68,7 +68,7 @@ def test_demo_end_to_end_small(tmp_path):
     table = (out / "results.md").read_text()
     assert "WideLast + KD" in table and "sep_overlay.png" in table
     # each export loads through timm's own local-dir path and reproduces the trained weights
-    export = Path(results["exports"]["widelast_kd"])
+    export = out / results["exports"]["widelast_kd"]
     assert (export / "README.md").is_file() and (export / "sep_report" / "report.json").is_file()
     model = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
     from safetensors.torch import load_file

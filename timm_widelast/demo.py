@@ -99,7 +99,8 @@ class DemoConfig:
     lr: float = 2e-3
     seeds: int = 1
     diag_images: int = 0  # 0 = the whole validation split
-    threads: int = 1  # these models are tiny: one thread per process beats two contending ones
+    threads: int = 0  # torch threads per process; 0 = the cores shared out among the processes running
+    jobs: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))  # students trained side by side
 
 
 def _heads(width: int) -> int:
@@ -145,6 +146,42 @@ def _train_args(cfg: DemoConfig, data_dir: Path, run_dir: Path, name: str, model
 KD_RECIPE = dict(distill_loss_weight=0.9, kd_temperature=1.0, feat_loss="mse", feat_weight=0.2)
 
 
+_WORKER_SLOT = 0
+
+
+def _init_worker(slots, threads: int) -> None:
+    """Each worker process takes one progress-bar row and one torch thread."""
+    import torch
+
+    global _WORKER_SLOT
+    _WORKER_SLOT = slots.get()
+    torch.set_num_threads(threads)
+
+
+def _train_in_worker(args: Dict[str, Any]) -> Dict[str, Any]:
+    from .distill.trainer import train
+
+    started = time.perf_counter()
+    result = train(dict(args, progress_position=_WORKER_SLOT))
+    result["seconds"] = time.perf_counter() - started
+    result.pop("history", None)
+    return result
+
+
+def _train_students(jobs: List[Dict[str, Any]], cfg: DemoConfig) -> List[Dict[str, Any]]:
+    """Train the students, ``cfg.jobs`` at a time, each in its own single-threaded process."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    slots = context.Manager().Queue()
+    for slot in range(cfg.jobs):
+        slots.put(slot)
+    with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=context, initializer=_init_worker,
+                             initargs=(slots, cfg.threads or max(1, (os.cpu_count() or 1) // cfg.jobs))) as pool:
+        return list(pool.map(_train_in_worker, jobs))
+
+
 def _log(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
@@ -181,7 +218,9 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     from .hub.export import export
 
     started = time.perf_counter()
-    torch.set_num_threads(cfg.threads)
+    cores = os.cpu_count() or 1
+    # Tiny models: oversubscribed threads cost far more than they give, so never exceed one per core.
+    torch.set_num_threads(cfg.threads or cores)
     out = Path(cfg.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -204,21 +243,27 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
         row["top1"].append(teacher["final_top1"])
         row["seconds"].append(time.perf_counter() - t0)
 
+        _log(f"3/6 students (seed {seed}), {cfg.epochs} epochs each, {cfg.jobs} at a time: "
+             + "; ".join(v.label for v in variants(cfg)))
+        jobs = []
         for variant in variants(cfg):
-            _log(f"3/6 student {variant.label} (seed {seed}), {cfg.epochs} epochs")
             args = _train_args(cfg, data_dir, out / variant.key, f"seed{seed}", variant.model,
                                variant.model_kwargs, seed, cfg.epochs)
+            args["experiment"] = f"{variant.key}/seed{seed}"
+            args["output"] = str(out)
             if variant.distill:
                 args.update(KD_RECIPE, kd_model_name=teacher_name,
                             kd_model_kwargs=_kwargs_list(dict(teacher_kwargs, img_size=cfg.img_size, num_classes=10)),
                             kd_checkpoint=str(teacher_dir / "model.safetensors"), kd_pretrained=False,
                             width_align=variant.width_align)
-            t0 = time.perf_counter()
-            result = train(args)
+            jobs.append(args)
+        results = _train_students(jobs, cfg) if cfg.jobs > 1 else [_train_in_worker(job) for job in jobs]
+        for variant, result in zip(variants(cfg), results):
             row = rows.setdefault(variant.key, dict(label=variant.label, top1=[], seconds=[]))
             row["top1"].append(result["final_top1"])
-            row["seconds"].append(time.perf_counter() - t0)
-            row.setdefault("run_dirs", []).append(result["output_dir"])
+            row["seconds"].append(result["seconds"])
+            row.setdefault("run_dirs", []).append(os.path.relpath(result["output_dir"], out))
+            _log(f"    {variant.label}: top-1 {result['final_top1']:.2f} ({result['seconds']:.0f} s)")
 
     num_classes = 10
     _log("4/6 diagnostics (SVD / PCA / SEP) of each endpoint on the validation split")
@@ -251,7 +296,9 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
         # compare_reports keeps the order of the reports it was given
         sep={key: dict(label=rows[key]["label"], dim=row["dim"], b=row["sep_b"])
              for key, row in zip(reports, comparison["rows"])},
-        exports=exports, reports={k: str(v) for k, v in reports.items()},
+        # relative to the output folder, so the folder can be moved or committed as it is
+        exports={k: os.path.relpath(v, out) for k, v in exports.items()},
+        reports={k: os.path.relpath(v, out) for k, v in reports.items()},
         wall_seconds=time.perf_counter() - started,
     )
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -303,9 +350,9 @@ def _command(args: argparse.Namespace) -> int:
                      patch_size=args.patch_size, width=args.width, depth=args.depth, epochs=args.epochs,
                      teacher_epochs=args.teacher_epochs if args.teacher_epochs else args.epochs,
                      batch_size=args.batch_size, lr=args.lr, seeds=args.seeds,
-                     diag_images=args.diag_images, threads=args.threads)
-    if cfg.seeds < 1 or cfg.epochs < 1 or cfg.width < 2 or cfg.img_size % cfg.patch_size:
-        raise UserError("need --seeds >= 1, --epochs >= 1, --width >= 2 and --img-size divisible by --patch-size")
+                     diag_images=args.diag_images, threads=args.threads, jobs=args.jobs)
+    if cfg.seeds < 1 or cfg.epochs < 1 or cfg.width < 2 or cfg.img_size % cfg.patch_size or cfg.jobs < 1:
+        raise UserError("need --seeds, --epochs, --jobs >= 1, --width >= 2 and --img-size divisible by --patch-size")
     run_demo(cfg)
     return 0
 
@@ -325,5 +372,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--seeds", type=int, default=defaults.seeds)
     p.add_argument("--diag-images", type=int, default=0, help="images for the diagnostics (0 = all validation)")
-    p.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads per training process")
+    p.add_argument("--jobs", type=int, default=defaults.jobs, help="students trained side by side (processes)")
     p.set_defaults(func=_command)

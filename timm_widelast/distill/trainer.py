@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-wandb", action="store_true", default=False, help="same as --log-with wandb")
     g.add_argument("--log-interval", type=int, default=50)
     g.add_argument("--no-progress", dest="progress", action="store_false", default=True)
+    g.add_argument("--progress-position", type=int, default=0, help=argparse.SUPPRESS)  # row, for parallel runs
     g.add_argument("--stop-after-updates", type=int, default=0,
                    help="testing aid: stop as if killed after N updates (no final save/export)")
     return p
@@ -607,8 +608,9 @@ def train(args: Union[argparse.Namespace, Dict[str, Any]]) -> Dict[str, Any]:
             # a fresh loader counts its own epochs from 0 and would replay epoch 0's order: set it explicitly
             loader.set_epoch(epoch)
             sums.update(partial)
-        bar = tqdm(loader, main_process_only=True, disable=not args.progress, desc=f"epoch {epoch}",
-                   initial=start_batch, total=len(train_loader))
+        bar = tqdm(loader, main_process_only=True, disable=not args.progress,
+                   desc=f"{args.experiment or args.model} epoch {epoch}", initial=start_batch,
+                   total=len(train_loader), position=args.progress_position, leave=args.progress_position == 0)
         for batch_idx, (x, y) in enumerate(bar, start=start_batch):
             if mixup_fn is not None:
                 x, y = mixup_fn(x, y)
