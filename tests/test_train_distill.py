@@ -179,3 +179,19 @@ def test_two_process_cpu_run(data_dir, tmp_path):
     assert len(rows) == 1 and rows[0]["eval_top1"] != ""
     ckpt = list_checkpoints(tmp_path / "ddp" / "checkpoints")[-1]
     assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+
+
+def test_image_size_from_model_kwargs_alone(data_dir, tmp_path):
+    """--model-kwargs img_size=32 without --img-size: the data pipeline follows the model, not the 224 default."""
+    student = [a for a in STUDENT if a not in ("--img-size", "32")] + ["img_size=32"]
+    args = parse_args(["--data-dir", str(data_dir), "--output", str(tmp_path), *student, *COMMON, "--epochs", "1",
+                       "--experiment", "kw"])
+    summary = train(args)
+    assert summary["num_updates"] == 6 and 0 <= summary["final_top1"] <= 100  # 24 images / batch 4
+
+
+def test_invalid_width_kwargs_are_one_line(data_dir, tmp_path, capsys):
+    code = main(argv(data_dir, tmp_path, "--epochs", "1", "--model-kwargs", "patch_size=8", "embed_dim=32",
+                     "depth=2", "num_heads=2", "wide_dim=63", "wide_heads=2"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "not divisible" in err[0]

@@ -326,7 +326,7 @@ def create_student(args: argparse.Namespace, num_classes: int) -> torch.nn.Modul
         kwargs.setdefault("drop_path_rate", args.drop_path)
     try:
         return timm.create_model(args.model, pretrained=args.pretrained, num_classes=num_classes, **kwargs)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise UserError(f"bad --model-kwargs for {args.model}: {err}") from err
 
 
@@ -482,6 +482,10 @@ def train(args: Union[argparse.Namespace, Dict[str, Any]]) -> Dict[str, Any]:
         raise UserError("cannot infer the number of classes from the dataset; pass --num-classes")
     student = create_student(args, num_classes)
     data_config = resolve_data_config(vars(args), model=student)
+    model_hw = getattr(getattr(student, "patch_embed", None), "img_size", None)
+    if args.img_size is None and args.input_size is None and model_hw is not None:
+        # an img_size given through --model-kwargs is not in the model's pretrained cfg; the model knows it
+        data_config["input_size"] = (3, *model_hw)
     train_set.transform = create_transform(
         data_config["input_size"], is_training=True, scale=tuple(args.scale), ratio=tuple(args.ratio),
         hflip=args.hflip, color_jitter=args.color_jitter, auto_augment=args.aa,
