@@ -98,8 +98,9 @@ def _init_processes():
 def run_sep(args: argparse.Namespace) -> int:
     import torch
 
+    from ..utils import parse_kwargs
     from .data import ImageFiles, TimmDataset, list_images, paper1000_images
-    from .extract import build_model, parse_model_kwargs
+    from .extract import build_model
     from .report import model_data_config, model_transform, run_report
 
     if bool(args.images) == bool(args.dataset):
@@ -109,7 +110,7 @@ def run_sep(args: argparse.Namespace) -> int:
     if args.num_images is not None and args.num_images < 1:
         raise UserError(f"--num-images {args.num_images} must be at least 1; fix: pass a positive number")
     state = _init_processes()
-    kwargs = parse_model_kwargs(args.model_kwargs)
+    kwargs = parse_kwargs(args.model_kwargs)
     # a randomly initialised model must be the same in every process (and every run)
     torch.manual_seed(args.seed)
     model = build_model(args.model, args.checkpoint, args.pretrained, kwargs)

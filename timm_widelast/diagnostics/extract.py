@@ -7,10 +7,7 @@ pay for the layers behind it.
 """
 from __future__ import annotations
 
-import argparse
-import ast
-import os
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -22,18 +19,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 TOKEN_POLICIES = ("patch", "all")
 
 
-def parse_model_kwargs(pairs: Sequence[str] | None) -> dict[str, Any]:
-    """``["k=v", ...]`` -> dict, values read as Python literals when they parse as one."""
-    out: dict[str, Any] = {}
-    for pair in pairs or ():
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UserError(f"model kwarg {pair!r} is not key=value; fix: write e.g. --model-kwargs lift_dim=320")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
 
 
 def load_checkpoint_weights(path: str) -> dict[str, torch.Tensor]:
@@ -42,26 +27,17 @@ def load_checkpoint_weights(path: str) -> dict[str, torch.Tensor]:
     DeiT-style training dicts ({'model': ..., 'args': Namespace}) are unwrapped; the
     only class allowed besides tensors is argparse.Namespace.
     """
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path!r} not found; fix: pass an existing .safetensors/.pth file")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    from ..models._checkpoints import CheckpointMismatchError, load_release_checkpoint
 
-        return load_file(path)
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"cannot read checkpoint {path!r} safely ({type(err).__name__}); "
-                        "fix: save a plain state dict or .safetensors file") from err
-    for key in ("model", "state_dict", "model_ema"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict):
+        state = load_release_checkpoint(path)
+    except FileNotFoundError as err:
+        raise UserError(f"checkpoint {path!r} not found; fix: pass an existing .safetensors/.pth file") from err
+    except CheckpointMismatchError as err:
+        raise UserError(f"{err}") from err
+    if not state:
         raise UserError(f"checkpoint {path!r} holds no state dict; fix: save model.state_dict()")
     return {k.removeprefix("module."): v for k, v in state.items()}
-
 
 def build_model(name: str, checkpoint: Optional[str] = None, pretrained: Optional[bool] = None,
                 model_kwargs: Optional[dict] = None) -> nn.Module:

@@ -6,7 +6,6 @@ in eval mode, runs under ``torch.no_grad()``, and training loops must not hand i
 """
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -18,24 +17,7 @@ from torch import nn
 from ..errors import UserError
 from ..models._checkpoints import CheckpointMismatchError, load_release_checkpoint
 from ..taps import LayerSpec, TokenTap, resolve_tap
-
-
-def parse_kwargs(items: Optional[Sequence[str] | Dict[str, Any]]) -> Dict[str, Any]:
-    """``['k=v', ...]`` (timm's ``--model-kwargs`` style, values as Python literals) -> dict."""
-    if not items:
-        return {}
-    if isinstance(items, dict):
-        return dict(items)
-    out: Dict[str, Any] = {}
-    for item in items:
-        key, sep, value = str(item).partition("=")
-        if not sep or not key:
-            raise UserError(f"model kwarg {item!r} is not key=value")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value  # plain strings need no quotes, as in timm's train.py
-    return out
+from ..utils import parse_kwargs  # noqa: F401  (re-exported for the trainer)
 
 
 def model_input_size(model: nn.Module) -> Tuple[int, int]:

@@ -24,13 +24,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import yaml
 from torch import nn
 
 from ..errors import UserError
+from ..utils import parse_kwargs
 from . import cards
 
 _logger = logging.getLogger(__name__)
@@ -70,19 +71,6 @@ def _first(d: Dict[str, Any], *keys: str, default: Any = None) -> Any:
     return default
 
 
-def parse_kwargs(items: Optional[Sequence[str]]) -> Dict[str, Any]:
-    """``k=v`` strings into a dict; values are YAML (``lift_dim=320``, ``block_dims=[192,256]``)."""
-    out: Dict[str, Any] = {}
-    for item in items or []:
-        for part in str(item).split(",") if "[" not in str(item) else [str(item)]:
-            if "=" not in part:
-                raise UserError(f"model kwarg {part!r} is not k=v; fix: pass e.g. --model-kwargs lift_dim=320")
-            key, value = part.split("=", 1)
-            try:
-                out[key.strip()] = yaml.safe_load(value)
-            except yaml.YAMLError as err:
-                raise UserError(f"model kwarg {part!r} does not parse ({err}); fix: quote lists like k=[1,2]") from err
-    return out
 
 
 def _read_yaml(path: Path) -> Dict[str, Any]:

@@ -7,34 +7,26 @@ import timm
 import torch
 
 from ..errors import UserError
+from ..utils import parse_kwargs
 
 FAMILIES = ("*_lift", "*_widelast")
 
 
 def list_models(args: argparse.Namespace) -> int:
     names = sorted({n for pattern in FAMILIES for n in timm.list_models(pattern)})
-    kwargs = dict(kv.split("=", 1) for kv in args.model_kwargs or [])
-    parsed = {k: _parse_value(v) for k, v in kwargs.items()}
+    parsed = parse_kwargs(args.model_kwargs)
     print(f"{'model':<22}{'params (M)':>12}{'width':>8}  pretrained tags")
     for name in names:
         try:
             with torch.device("meta"):  # sizes only: no memory, no init cost
                 model = timm.create_model(name, num_classes=args.num_classes, **parsed)
         except (TypeError, ValueError) as err:
-            raise UserError(f"cannot build {name} with {kwargs}: {err}") from err
+            raise UserError(f"cannot build {name} with {parsed}: {err}") from err
         params = sum(p.numel() for p in model.parameters()) / 1e6
         tags = [t.split(".", 1)[1] for t in timm.list_models(name, pretrained=True)]
         print(f"{name:<22}{params:>12.3f}{model.num_features:>8}  {', '.join(tags)}")
     return 0
 
-
-def _parse_value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
