@@ -356,6 +356,7 @@ def run_card_info(model: nn.Module, name: str, kwargs: Dict[str, Any], source: R
     stats = cards.model_stats(model)
     title = repo_id.split("/")[-1] if repo_id else (str(_first(args, "experiment", default="")) or
                                                     (source.run_dir.name if source.run_dir else name))
+    title = title.replace("/", "-")  # nested experiment folders; a Hub model name has no slash
     epochs = _first(args, "epochs")
     summary = (f"A {family} student (`{name}`) " + (f"distilled from `{teacher}` " if teacher else "trained ")
                + f"on {dataset_label}" + (f" for {epochs} epochs" if epochs else "")
