@@ -195,3 +195,14 @@ def test_invalid_width_kwargs_are_one_line(data_dir, tmp_path, capsys):
                      "depth=2", "num_heads=2", "wide_dim=63", "wide_heads=2"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "not divisible" in err[0]
+
+
+def test_bf16_autocast_on_cpu_covers_teacher_and_student(data_dir, tmp_path):
+    """--mixed-precision bf16 goes through Accelerate's autocast (CPU bf16 here); the loss stays finite."""
+    args = parse_args(argv(data_dir, tmp_path, *TEACHER, "--distill-loss-weight", "0.9", "--feat-loss", "mse",
+                           "--epochs", "1", "--mixed-precision", "bf16", "--experiment", "bf16"))
+    summary = train(args)
+    assert summary["num_updates"] == 6 and np.isfinite(summary["history"][0]["train_loss"])
+    # weights are kept in float32 (autocast changes compute, not storage)
+    weights = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in weights.values())
