@@ -459,6 +459,10 @@ def train(args: Union[argparse.Namespace, Dict[str, Any]]) -> Dict[str, Any]:
     ckpt_root = run_dir / CHECKPOINT_DIR
 
     # --- accelerator: devices, precision, accumulation, DDP/FSDP all come from here -------------------
+    # train() may run several times in one process (the demo, notebooks); Accelerate keeps its precision
+    # setting in a singleton, so drop it (keeping the process group) before each run's Accelerator.
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         cpu=args.cpu or not torch.cuda.is_available(),  # torchrun on a CPU box needs cpu=True (gloo)
         mixed_precision=mixed_precision_of(args),
