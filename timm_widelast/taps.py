@@ -25,25 +25,16 @@ LayerSpec = Optional[Union[int, str]]
 
 @dataclass(frozen=True)
 class TapSpec:
-    """Where to tap: the module's dotted name, its output layout and its block index (-1 if not a block)."""
+    """Where to tap: the module's dotted name, and how its output is laid out if it is a 4-d map."""
 
     module_name: str
-    layout: str  # 'NLC' (tokens, may hold prefix tokens), 'NHWC' or 'NCHW' (spatial maps)
-    index: int
+    layout: str  # 'NHWC' (Swin stages) or 'NCHW'; 3-d outputs are tokens [B, N, D] either way
 
 
-def _sequence_name(model: nn.Module) -> Tuple[str, str]:
-    for name, layout in (("blocks", "NLC"), ("layers", "NHWC"), ("stages", "NCHW")):
-        if isinstance(getattr(model, name, None), (nn.Sequential, nn.ModuleList)):
-            if name == "layers" and not _is_swin_like(model):
-                layout = "NCHW"
-            return name, layout
-    return "", ""
-
-
-def _is_swin_like(model: nn.Module) -> bool:
-    # timm's Swin family keeps its stage maps channels-last.
-    return "swin" in type(model).__name__.lower() or getattr(model, "output_fmt", "") == "NHWC"
+def _map_layout(model: nn.Module) -> str:
+    # timm's Swin family keeps its stage maps channels-last; everything else is channels-first.
+    swin = "swin" in type(model).__name__.lower() or getattr(model, "output_fmt", "") == "NHWC"
+    return "NHWC" if swin else "NCHW"
 
 
 def resolve_tap(model: nn.Module, layer: LayerSpec = None) -> TapSpec:
@@ -51,27 +42,25 @@ def resolve_tap(model: nn.Module, layer: LayerSpec = None) -> TapSpec:
 
     Raises :class:`UserError` when the model has no such layer.
     """
+    layout = _map_layout(model)
     if isinstance(layer, str) and not layer.lstrip("-").isdigit():
-        modules = dict(model.named_modules())
-        if layer not in modules:
+        if layer not in dict(model.named_modules()):
             raise UserError(f"model {type(model).__name__} has no module named {layer!r}; "
-                            "pass a block index or one of its module names (see model.named_modules())")
-        # 3-d outputs are tokens whatever the layout says; 4-d maps are channels-last only in Swin.
-        layout = "NHWC" if _is_swin_like(model) else "NCHW"
-        return TapSpec(layer, layout, -1)
+                            "fix: pass a block index or one of its module names (see model.named_modules())")
+        return TapSpec(layer, layout)
     if layer is None and hasattr(model, "lift_norm") and not isinstance(model.lift_norm, nn.Identity):
-        return TapSpec("lift_norm", "NLC", len(model.blocks) - 1)
-    seq_name, layout = _sequence_name(model)
+        return TapSpec("lift_norm", layout)
+    seq_name = next((n for n in ("blocks", "layers", "stages")
+                     if isinstance(getattr(model, n, None), (nn.Sequential, nn.ModuleList))), "")
     if not seq_name:
         raise UserError(f"model {type(model).__name__} has no blocks/layers/stages to tap tokens from; "
-                        "pass --layer with a module name that outputs tokens")
+                        "fix: pass --layer with a module name that outputs tokens")
     count = len(getattr(model, seq_name))
     index = count - 1 if layer is None else int(layer)
     if not -count <= index < count:
-        raise UserError(f"layer {layer} is out of range: {type(model).__name__} has {count} {seq_name} "
-                        f"(use 0..{count - 1} or negative indices)")
-    index %= count
-    return TapSpec(f"{seq_name}.{index}", layout, index)
+        raise UserError(f"layer {layer} is out of range: {type(model).__name__} has {count} {seq_name}; "
+                        f"fix: use 0..{count - 1} or a negative index")
+    return TapSpec(f"{seq_name}.{index % count}", layout)
 
 
 class _StopForward(Exception):
