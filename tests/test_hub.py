@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from _hub_helpers import TINY_KWARGS, make_run, make_run_and_export
+from _hub_helpers import TINY_KWARGS, make_run, make_run_and_export, run_cli
 from huggingface_hub import ModelCard
 
-from timm_widelast import cli
 from timm_widelast.hub.export import export, load_exported
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -21,16 +20,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def run_and_export(tmp_path_factory):
     return make_run_and_export(tmp_path_factory.mktemp("hub"))
-
-
-def main(argv) -> int:
-    """The real CLI entry point, with only the publishing commands registered (other groups are not under test)."""
-    saved = cli.COMMAND_MODULES
-    cli.COMMAND_MODULES = ("timm_widelast.hub.commands",)
-    try:
-        return cli.main(argv)
-    finally:
-        cli.COMMAND_MODULES = saved
 
 
 def _logits(model, seed: int = 0) -> torch.Tensor:
@@ -164,7 +153,7 @@ def test_cli_export_bare_checkpoint_and_errors(run_and_export, tmp_path, capsys)
     # A DeiT-style training checkpoint dict, as .pth (read with weights_only=True).
     torch.save({"model": run_and_export["model"].state_dict(), "epoch": 2}, ckpt_dir / "checkpoint.pth")
     kwargs = [f"{k}={v}" for k, v in TINY_KWARGS.items() if k != "num_classes"]
-    rc = main(["export", str(ckpt_dir / "checkpoint.pth"), "--out", str(tmp_path / "out"),
+    rc = run_cli(["export", str(ckpt_dir / "checkpoint.pth"), "--out", str(tmp_path / "out"),
                "--model", "deit_tiny_widelast", "--model-kwargs", *kwargs])
     assert rc == 0
     out = tmp_path / "out"
@@ -175,10 +164,11 @@ def test_cli_export_bare_checkpoint_and_errors(run_and_export, tmp_path, capsys)
     assert not (out / "summary.csv").exists()
 
     capsys.readouterr()
-    rc = main(["export", str(ckpt_dir / "checkpoint.pth"), "--out", str(tmp_path / "out2")])
+    rc = run_cli(["export", str(ckpt_dir / "checkpoint.pth"), "--out", str(tmp_path / "out2")])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: no model name") and err.count("\n") == 1
-    rc = main(["export", str(run_and_export["run"]), "--out", str(tmp_path / "out3"), "--model-kwargs", "wide_dim=96"])
+    rc = run_cli(["export", str(run_and_export["run"]), "--out", str(tmp_path / "out3"),
+                  "--model-kwargs", "wide_dim=96"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and "fix:" in err and err.count("\n") == 1
     assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()
@@ -194,7 +184,7 @@ def test_label_names_and_card_command(run_and_export, tmp_path, capsys):
     assert loaded.pretrained_cfg["label_names"][3] == "class_3"
 
     # `card` renders the same card from the run folder.
-    assert main(["card", str(run_and_export["run"]), "--out", str(tmp_path / "card.md")]) == 0
+    assert run_cli(["card", str(run_and_export["run"]), "--out", str(tmp_path / "card.md")]) == 0
     card = ModelCard.load(tmp_path / "card.md")
     assert card.data.eval_results[0].metric_value == pytest.approx(float(run_and_export["rows"][-1]["eval_top1"]))
 

@@ -13,11 +13,9 @@ from typing import Dict, List, Optional
 
 import httpx2
 import pytest
-from _hub_helpers import make_run_and_export
+from _hub_helpers import make_run_and_export, run_cli
 from huggingface_hub import constants
 from huggingface_hub.utils import _http
-
-from timm_widelast import cli
 
 HUB = "https://huggingface.co"
 TOKEN = "hf_testtoken0123456789"
@@ -104,15 +102,6 @@ def hub(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "ENDPOINT", HUB)
     yield {"mock": mock, "install": install}
     _http.set_client_factory(_http.default_client_factory)
-
-
-def run_cli(argv: List[str]) -> int:
-    saved = cli.COMMAND_MODULES
-    cli.COMMAND_MODULES = ("timm_widelast.hub.commands",)
-    try:
-        return cli.main(argv)
-    finally:
-        cli.COMMAND_MODULES = saved
 
 
 def snapshot(folder: Path) -> Dict[str, str]:
