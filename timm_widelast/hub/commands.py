@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
+from ..utils import parse_kwargs
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -21,7 +22,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export, parse_kwargs
+    from .export import export
 
     out = export(args.source, args.out, ema=args.ema, model_name=args.model,
                  model_kwargs=parse_kwargs(args.model_kwargs), report=args.report, label_names=args.label_names,
@@ -42,7 +43,7 @@ def cmd_card(args: argparse.Namespace) -> int:
     else:
         if not args.source:
             raise UserError("no source; fix: pass a run folder, export folder or checkpoint, or --paper NAME")
-        from .export import REPORT_FOLDER, _report_figure, build_model, parse_kwargs, resolve_source, run_card_info
+        from .export import REPORT_FOLDER, _report_figure, build_model, resolve_source, run_card_info
 
         source = resolve_source(args.source, ema=args.ema, report=args.report)
         model, name, kwargs = build_model(source, args.model, parse_kwargs(args.model_kwargs))
