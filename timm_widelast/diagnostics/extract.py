@@ -1,19 +1,18 @@
 """Build the model and pull patch-token matrices [B, N, D] out of a chosen block.
 
-The tap (which module, how many prefix tokens, which layout) comes from
-``timm_widelast.taps.resolve_tap``, so every tool in the package agrees on the
-default layer. A forward hook stops the model right after that module, so we never
-pay for the layers behind it.
+The tap (which module, how many prefix tokens, which layout) and the forward that
+stops right after that module come from ``timm_widelast.taps.TokenTap``, so every tool
+in the package agrees on the default layer and we never pay for the layers behind it.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from ..errors import UserError
-from ..taps import resolve_tap, to_patch_tokens
+from ..taps import TokenTap
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKEN_POLICIES = ("patch", "all")
@@ -62,52 +61,50 @@ def build_model(name: str, checkpoint: Optional[str] = None, pretrained: Optiona
     return model.eval()
 
 
-class _Stop(Exception):
-    """Raised inside the hook so the forward pass ends at the tapped module."""
+class _Tap(TokenTap):
+    """The package's stop-early tap, also keeping the raw output (for policy "all" and the prefix count)."""
+
+    raw: Optional[torch.Tensor] = None
+
+    def _hook(self, module: nn.Module, args, output) -> None:
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        if not torch.is_tensor(out) or out.dim() not in (3, 4):
+            shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+            raise UserError(f"module {self.spec.module_name!r} outputs {shape}, not tokens; "
+                            "fix: pick a block that outputs [B, N, D] tokens or a feature map with --layer")
+        self.raw = out
+        super()._hook(module, args, output)
 
 
 class TokenExtractor:
     """Runs a model up to the tapped module and returns its tokens [B, N, D] (float32, detached).
 
-    The tap and the patch-token rule (prefix tokens dropped, maps flattened) are the
-    package's own (``timm_widelast.taps``); policy ``"all"`` keeps the prefix tokens.
+    The tap, the early stop and the patch-token rule (prefix tokens dropped, maps flattened)
+    are the package's own (``timm_widelast.taps.TokenTap``); policy ``"all"`` keeps the prefix tokens.
     """
 
     def __init__(self, model: nn.Module, layer: int | str | None = None, policy: str = "patch"):
         if policy not in TOKEN_POLICIES:
             raise UserError(f"unknown token policy {policy!r}; fix: use one of {', '.join(TOKEN_POLICIES)}")
         self.model, self.policy = model, policy
-        self.spec = resolve_tap(model, layer)
-        self.module = model.get_submodule(self.spec.module_name)
+        self.tap = _Tap(model, layer, stop_early=True)
+        self.spec = self.tap.spec
         self.num_prefix_tokens = 0  # known after the first batch
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        captured: list[Any] = []
-
-        def hook(_module, _inputs, output):
-            captured.append(output[0] if isinstance(output, (tuple, list)) else output)
-            raise _Stop
-
-        handle = self.module.register_forward_hook(hook)
-        try:
-            self.model(images)
-        except _Stop:
-            pass
-        except (RuntimeError, AssertionError, ValueError) as err:
-            raise UserError(f"the model's forward pass fails on input {tuple(images.shape)}: {err}; "
-                            "fix: check --model-kwargs (e.g. img_size) and the preprocessing") from err
-        finally:
-            handle.remove()
-        if not captured:
+        tap = self.tap
+        tap.tokens = tap.raw = None
+        with tap:
+            try:
+                tap.run(images)
+            except (RuntimeError, AssertionError, ValueError) as err:
+                raise UserError(f"the model's forward pass fails on input {tuple(images.shape)}: {err}; "
+                                "fix: check --model-kwargs (e.g. img_size) and the preprocessing") from err
+        if tap.tokens is None:
             raise UserError(f"module {self.spec.module_name!r} never ran in the forward pass; "
                             "fix: pick a block on the model's main path with --layer")
-        out = captured[0]
-        if not torch.is_tensor(out) or out.dim() not in (3, 4):
-            shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-            raise UserError(f"module {self.spec.module_name!r} outputs {shape}, not tokens; "
-                            "fix: pick a block that outputs [B, N, D] tokens or a feature map with --layer")
-        tokens, _grid = to_patch_tokens(out, self.spec, self.model, tuple(images.shape[-2:]))
+        tokens, out = tap.tokens, tap.raw
         if out.dim() == 3:
             self.num_prefix_tokens = out.shape[1] - tokens.shape[1]
             if self.policy == "all":
