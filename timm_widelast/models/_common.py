@@ -36,20 +36,28 @@ def endpoint_cfg(url: str = "", **kwargs) -> Dict:
     }
 
 
-def existing_no_weight_decay(model: nn.Module, names: Set[str]) -> Set[str]:
-    """Keep only names that are real parameters (timm's base set lists tokens our models lack)."""
-    params = {name for name, _ in model.named_parameters()}
-    return {name for name in names if name in params}
-
-
 class EndpointForwardMixin:
-    """``forward_intermediates`` for ViTs whose blocks do not all share one width.
+    """What a ViT needs when its endpoint is wider than its blocks.
 
-    timm's version applies the final norm to every intermediate, which assumes a
-    single width. Here ``norm=True`` normalises the intermediates whose width
-    matches the final norm; narrower ones are returned as they are, because the
-    wide norm cannot apply to them.
+    ``forward_intermediates``: timm's version applies the final norm to every
+    intermediate, which assumes a single width. Here ``norm=True`` normalises the
+    intermediates whose width matches the final norm; narrower ones are returned as
+    they are, because the wide norm cannot apply to them. ``reset_classifier`` sizes
+    the head from the endpoint (timm's uses ``embed_dim``).
     """
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        # timm's base set names tokens (reg/dist) our models lack; keep only real parameters.
+        params = {name for name, _ in self.named_parameters()}
+        return {name for name in super().no_weight_decay() if name in params}
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        super().reset_classifier(num_classes, global_pool)
+        weight = self.patch_embed.proj.weight
+        self.head = nn.Linear(self.num_features, num_classes, device=weight.device, dtype=weight.dtype) \
+            if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
 
     def _endpoint(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -133,5 +141,5 @@ def check_width_and_heads(name: str, width: int, heads: int) -> None:
         )
 
 
-__all__ = ["VisionTransformer", "endpoint_cfg", "existing_no_weight_decay", "EndpointForwardMixin",
+__all__ = ["VisionTransformer", "endpoint_cfg", "EndpointForwardMixin",
            "check_width_and_heads", "create_student"]

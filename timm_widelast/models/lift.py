@@ -11,7 +11,7 @@ Paper: "From Per-Image Low-Rank to Encoding Mismatch" (arXiv 2511.15572).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Set
+from typing import List, Optional
 
 import torch
 from timm.models import generate_default_cfgs, register_model
@@ -19,7 +19,7 @@ from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import init_weights_vit_timm
 from torch import nn
 
-from ._common import EndpointForwardMixin, VisionTransformer, create_student, endpoint_cfg, existing_no_weight_decay
+from ._common import EndpointForwardMixin, VisionTransformer, create_student, endpoint_cfg
 
 __all__ = ["LiftVisionTransformer"]
 
@@ -53,7 +53,6 @@ class LiftVisionTransformer(EndpointForwardMixin, VisionTransformer):
             final_norm=False, fc_norm=False, **kwargs,
         )
         dd = {"device": self.patch_embed.proj.weight.device, "dtype": self.patch_embed.proj.weight.dtype}
-        self.lift_dim = lift_dim
         self.lift_proj = nn.Linear(embed_dim, lift_dim, bias=False, **dd)
         self.lift_norm = nn.LayerNorm(lift_dim, **dd)
         self.num_features = self.head_hidden_size = lift_dim
@@ -62,21 +61,10 @@ class LiftVisionTransformer(EndpointForwardMixin, VisionTransformer):
         init_weights_vit_timm(self.head)
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        return existing_no_weight_decay(self, super().no_weight_decay())
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):
         matcher = super().group_matcher(coarse)
         matcher["blocks"] = [(r"^blocks\.(\d+)", None), (r"^norm|^lift_", (99999,))]
         return matcher
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        super().reset_classifier(num_classes, global_pool)
-        weight = self.patch_embed.proj.weight
-        self.head = nn.Linear(self.num_features, num_classes, device=weight.device, dtype=weight.dtype) \
-            if num_classes > 0 else nn.Identity()
-        self.head.train(self.training)
 
     def prune_intermediate_layers(
             self,

@@ -9,7 +9,7 @@ Paper: "From Per-Image Low-Rank to Encoding Mismatch" (arXiv 2511.15572).
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Set
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from timm.layers import LayerNorm
@@ -23,7 +23,6 @@ from ._common import (
     check_width_and_heads,
     create_student,
     endpoint_cfg,
-    existing_no_weight_decay,
 )
 
 __all__ = ["WideBlock", "WideLastVisionTransformer"]
@@ -122,8 +121,6 @@ class WideLastVisionTransformer(EndpointForwardMixin, VisionTransformer):
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, num_classes=num_classes,
             global_pool=global_pool, block_fn=block_fn, **kwargs,
         )
-        self.block_dims = dims
-        self.block_heads = heads
         final_dim = dims[-1]
         self.num_features = self.head_hidden_size = final_dim
         reduction = self.feature_info[0]["reduction"]
@@ -139,18 +136,6 @@ class WideLastVisionTransformer(EndpointForwardMixin, VisionTransformer):
         self.head = nn.Linear(final_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
         init_weights_vit_timm(self.head)
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        return existing_no_weight_decay(self, super().no_weight_decay())
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        super().reset_classifier(num_classes, global_pool)
-        # timm sizes the new head from embed_dim; ours takes the wide endpoint.
-        weight = self.patch_embed.proj.weight
-        self.head = nn.Linear(self.num_features, num_classes, device=weight.device, dtype=weight.dtype) \
-            if num_classes > 0 else nn.Identity()
-        self.head.train(self.training)
-
     def prune_intermediate_layers(
             self,
             indices=1,
@@ -158,7 +143,7 @@ class WideLastVisionTransformer(EndpointForwardMixin, VisionTransformer):
             prune_head: bool = True,
     ) -> List[int]:
         take_indices = super().prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
-        kept_width = self.block_dims[len(self.blocks) - 1]
+        kept_width = self.feature_info[len(self.blocks) - 1]["num_chs"]
         if kept_width != self.num_features:
             # The wide final norm cannot apply to narrower kept blocks.
             self.norm = nn.Identity()
