@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..taps import LayerSpec, TokenTap, resolve_tap
-from .endpoints import EndpointAligner, channel_avg_pool, resize_grid
+from .endpoints import EndpointAligner
 from .losses import FEATURE_LOSSES, feature_loss, soft_kd_loss
 from .teacher import FrozenTeacher
 
@@ -134,16 +134,19 @@ class EndpointDistillationTask(TrainingTask):
                 self._check_label_space(student, self.teacher)
 
         projector = None
-        self.width_mode = "none"
         self.aligner: Optional[EndpointAligner] = None
         if feat_loss != "none":
             s_dim, t_dim = self._probe_widths(student, self.teacher, student_layer, teacher_layer, probe_size)
-            # The aligner has no parameters of its own: its projector moves into DistillStudent (trainable).
-            aligner = EndpointAligner(s_dim, t_dim, width_align)
-            projector, aligner.projector = aligner.projector, None
-            self.width_mode = aligner.mode
-            self.teacher_dim, self.student_dim = t_dim, s_dim
+            # The aligner keeps no parameters: its projector moves into DistillStudent (trainable), which
+            # applies it to the student tokens, so here the aligner only resizes/pools the teacher side.
+            self.aligner = EndpointAligner(s_dim, t_dim, width_align)
+            projector, self.aligner.projector = self.aligner.projector, None
         self.trainable_module = DistillStudent(student, projector, student_layer, tap=feat_loss != "none")
+
+    @property
+    def width_mode(self) -> str:
+        """The resolved ``--width-align`` mode (``none`` without a feature loss)."""
+        return self.aligner.mode if self.aligner is not None else "none"
 
     @staticmethod
     def _check_label_space(student: nn.Module, teacher: FrozenTeacher) -> None:
@@ -252,9 +255,7 @@ class EndpointDistillationTask(TrainingTask):
             if self.distill_loss_weight > 0:
                 kd_loss = soft_kd_loss(logits, t_logits, self.temperature)
             if self.feat_loss != "none":
-                t_tokens = resize_grid(t_tokens, t_grid, s_grid)
-                if self.width_mode == "pool":
-                    t_tokens = channel_avg_pool(t_tokens, s_tokens.shape[-1])
+                s_tokens, t_tokens = self.aligner(s_tokens, s_grid, t_tokens, t_grid)
                 feat = feature_loss(self.feat_loss, s_tokens, t_tokens.to(s_tokens.dtype), s_grid)
         loss = self.task_loss_weight * task_loss + self.distill_loss_weight * kd_loss + self.feat_weight * feat
         return {"loss": loss, "output": logits, "task_loss": task_loss.detach(), "kd_loss": kd_loss.detach(),
