@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from .svd import ranks_from_cumulative
 
 DEFAULT_LEVELS = (50, 60, 70, 80, 90)
 SEP_MODES = ("full", "folded")
@@ -50,9 +51,7 @@ def token_curves(tokens: torch.Tensor, mode: str = "full") -> tuple[torch.Tensor
 def bandwidths(curve: torch.Tensor | np.ndarray, levels: Sequence[float] = DEFAULT_LEVELS) -> np.ndarray:
     """d_a for each level a: the 1-based first bin where a curve [..., bins] reaches a%."""
     curve = torch.as_tensor(curve, dtype=torch.float64)
-    a = torch.as_tensor([float(v) for v in levels], dtype=torch.float64)
-    below = (curve.unsqueeze(-2) < a.view(-1, 1)).sum(-1)
-    return (below + 1).clamp_max(curve.shape[-1]).numpy()
+    return ranks_from_cumulative(curve, [float(v) for v in levels]).numpy()
 
 
 def _half_spectrum(tokens: torch.Tensor) -> torch.Tensor:

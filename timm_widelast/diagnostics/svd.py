@@ -60,14 +60,14 @@ def single_thread(device: torch.device):
 
 
 def ranks_from_cumulative(cum: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
-    """First 1-based index where a non-decreasing fraction curve [B, K] reaches each threshold.
+    """First 1-based index where a non-decreasing curve [..., K] reaches each threshold.
 
-    Returns int64 [B, len(thresholds)]; 0 marks a row with no energy at all.
+    Returns int64 [..., len(thresholds)]; 0 marks a curve that is not finite (no energy at all).
     """
     t = torch.as_tensor(thresholds, dtype=cum.dtype, device=cum.device)
-    counts = (cum.unsqueeze(1) < t.view(1, -1, 1)).sum(-1)  # how many leading entries stay below t
+    counts = (cum.unsqueeze(-2) < t.view(-1, 1)).sum(-1)  # how many leading entries stay below t
     ranks = (counts + 1).clamp_max_(cum.shape[-1])
-    ranks[~torch.isfinite(cum[:, -1])] = 0
+    ranks[~torch.isfinite(cum[..., -1])] = 0
     return ranks
 
 
