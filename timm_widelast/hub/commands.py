@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -43,23 +42,20 @@ def cmd_card(args: argparse.Namespace) -> int:
     else:
         if not args.source:
             raise UserError("no source; fix: pass a run folder, export folder or checkpoint, or --paper NAME")
-        from .export import REPORT_FOLDER, _report_figure, build_model, resolve_source, run_card_info
+        from .export import REPORT_FOLDER, build_model, resolve_source, run_card_info
 
         source = resolve_source(args.source, ema=args.ema, report=args.report)
         model, name, kwargs = build_model(source, args.model, parse_kwargs(args.model_kwargs))
-        report, figure, folder = None, None, None
+        folder = REPORT_FOLDER
         if source.report_dir is not None:
-            report = json.loads((source.report_dir / "report.json").read_text(encoding="utf-8"))
             # Paths relative to where the card is written, so the figure shows on a rendered page.
             base = Path(args.out).parent if args.out else Path.cwd()
             try:
                 folder = Path(source.report_dir).absolute().relative_to(base.absolute()).as_posix()
             except ValueError:
                 folder = str(source.report_dir)
-            fig = _report_figure(source.report_dir)
-            figure = f"{folder}/{fig}" if fig else None
         info = run_card_info(model, name, kwargs, source, repo_id=args.repo_id, metric_row=args.metric_row,
-                             report=report, figure=figure, report_folder=folder or REPORT_FOLDER)
+                             report_folder=folder)
         text = str(cards.render_card(info))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

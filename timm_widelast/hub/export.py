@@ -335,9 +335,12 @@ def _base_model(args: Dict[str, Any], model: nn.Module) -> Optional[str]:
 
 
 def run_card_info(model: nn.Module, name: str, kwargs: Dict[str, Any], source: RunSource, *,
-                  repo_id: Optional[str] = None, metric_row: str = "last", report_folder: Optional[str] = None,
-                  report: Optional[Dict[str, Any]] = None, figure: Optional[str] = None) -> cards.CardInfo:
-    """Card content for a trained model; every number comes from the run's files or the model itself."""
+                  repo_id: Optional[str] = None, metric_row: str = "last",
+                  report_folder: str = REPORT_FOLDER) -> cards.CardInfo:
+    """Card content for a trained model; every number comes from the run's files or the model itself.
+
+    ``report_folder`` is where the card links the SEP report (and its figure) from.
+    """
     args = source.args
     family, paragraph = cards.describe_family(model, name)
     teacher_name, teacher_tag = teacher_of(args, source.record)
@@ -377,7 +380,7 @@ def run_card_info(model: nn.Module, name: str, kwargs: Dict[str, Any], source: R
                                          f"`{cards.PLACEHOLDER_REPO}`; `timm-widelast push` fills in the real one. "
                                          f"A local copy loads with `'local-dir:/path/to/export'`.{cards.NOTE_END}"),
         results_intro=intro,
-        sep=cards.sep_section(report, report_folder or REPORT_FOLDER, figure) if report else None,
+        sep=_sep_section(source.report_dir, report_folder) if source.report_dir is not None else None,
     )
 
 
@@ -412,6 +415,15 @@ def _report_figure(report_dir: Path) -> Optional[str]:
         if (report_dir / name).is_file():
             return name
     return None
+
+
+def _sep_section(report_dir: Path, folder: str) -> Dict[str, Any]:
+    """The card's SEP section from a report folder; ``folder`` is the report's path as the card links it."""
+    report = json.loads((report_dir / "report.json").read_text(encoding="utf-8"))
+    if report.get("schema") != "timm-widelast/sep-report/v1":
+        _logger.warning("%s: unexpected report schema %r", report_dir, report.get("schema"))
+    fig = _report_figure(report_dir)
+    return cards.sep_section(report, folder, f"{folder}/{fig}" if fig else None)
 
 
 def _check_roundtrip(model: nn.Module, folder: Path) -> None:
@@ -460,24 +472,17 @@ def export(source_path: Union[str, Path], out: Union[str, Path], *, ema: bool = 
     try:
         save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True,
                     data_config=_data_config(source.args) or None)
-        report_data, figure = None, None
         if source.report_dir is not None:
             dest = tmp / REPORT_FOLDER
             dest.mkdir()
             for item in sorted(source.report_dir.iterdir()):
                 if item.is_file() and item.suffix in (".json", ".md", ".png", ".csv", ".txt"):
                     shutil.copy2(item, dest / item.name)
-            report_data = json.loads((dest / "report.json").read_text(encoding="utf-8"))
-            if report_data.get("schema") != "timm-widelast/sep-report/v1":
-                _logger.warning("%s: unexpected report schema %r", source.report_dir, report_data.get("schema"))
-            fig = _report_figure(dest)
-            figure = f"{REPORT_FOLDER}/{fig}" if fig else None
         if source.run_dir is not None:
             for fname in ("args.yaml", "summary.csv"):
                 if (source.run_dir / fname).is_file():
                     shutil.copy2(source.run_dir / fname, tmp / fname)
-        info = run_card_info(model, name, kwargs, source, repo_id=repo_id, metric_row=metric_row,
-                             report=report_data, figure=figure)
+        info = run_card_info(model, name, kwargs, source, repo_id=repo_id, metric_row=metric_row)
         (tmp / "README.md").write_text(str(cards.render_card(info)) + "\n", encoding="utf-8")
         teacher_name, teacher_tag = teacher_of(source.args, source.record)
         record = {
