@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -71,8 +71,8 @@ class ModelStats:
     img_size: int
 
 
-def model_stats(model: nn.Module, img_size: Optional[int] = None) -> ModelStats:
-    """Parameter count, GMACs and activations (M) of one forward at batch 1.
+def model_stats(model: nn.Module) -> ModelStats:
+    """Parameter count, GMACs and activations (M) of one forward at batch 1, at the model's image size.
 
     Always counted on a meta-device copy: no compute, and the same count on every host (on
     CPU, fused attention dispatches to kernels FlopCounterMode does not count).
@@ -80,7 +80,7 @@ def model_stats(model: nn.Module, img_size: Optional[int] = None) -> ModelStats:
     from torch.utils.flop_counter import FlopCounterMode
 
     params = sum(p.numel() for p in model.parameters())
-    size = img_size or int(model.patch_embed.img_size[0])
+    size = int(model.patch_embed.img_size[0])
     first = next(model.parameters())
     meta = model if first.device.type == "meta" else copy.deepcopy(model).to("meta")
     was_training = meta.training
@@ -183,7 +183,6 @@ class CardInfo:
     results_intro: str = ""
     sep: Optional[Dict[str, Any]] = None
     sep_missing: str = "No SEP report was attached to this export (`timm-widelast sep`, then `export --report DIR`)."
-    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 def describe_family(model: nn.Module, architecture: str) -> Tuple[str, str]:
@@ -270,16 +269,15 @@ def card_data(info: CardInfo):
     )
 
 
-def render_card(info: CardInfo, template: Optional[Path] = None):
+def render_card(info: CardInfo):
     """Render ``info`` into a ``huggingface_hub.ModelCard`` with our template."""
     from huggingface_hub import ModelCard
 
-    sep = info.sep
     feature_example = ", ".join(str(d) for d in info.feature_dims[-1:]) or str(info.num_features)
     grid = info.stats.img_size // int(info.model_args.get("patch_size", 16))
     return ModelCard.from_template(
         card_data(info),
-        template_path=str(template or template_path()),
+        template_path=str(template_path()),
         title=info.title,
         summary=info.summary,
         paper_card=info.paper_card,
@@ -302,7 +300,7 @@ def render_card(info: CardInfo, template: Optional[Path] = None):
         results=[dataclasses.replace(r, top1=_fmt(r.top1), top5=_fmt(r.top5), epoch=_fmt(r.epoch))
                  for r in info.results],
         paper_table=[(n, f"{v:.2f}", n == info.paper_row) for n, v in PAPER_TABLE] if info.show_paper_table else None,
-        sep=sep,
+        sep=info.sep,
         sep_missing=info.sep_missing,
     )
 
