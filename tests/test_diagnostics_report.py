@@ -166,7 +166,7 @@ def test_compare_and_advise(cli_report, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["empty", "threshold", "layer_range", "layer_not_tokens", "bad_stop",
-                                  "advise_energy", "no_report", "two_sources"])
+                                  "advise_energy", "no_report", "two_sources", "compare_percentile"])
 def test_bad_input_is_one_line_with_exit_2(case, folder, cli_report, tmp_path, capsys):
     root, _ = folder
     empty = tmp_path / "empty"
@@ -180,6 +180,7 @@ def test_bad_input_is_one_line_with_exit_2(case, folder, cli_report, tmp_path, c
         "advise_energy": ["advise", cli_report, "--student-width", 8, "--energy", 0.85],
         "no_report": ["advise", empty, "--student-width", 8],
         "two_sources": sep_argv(root, tmp_path / "o", "--dataset", "torch/cifar10"),
+        "compare_percentile": ["compare", cli_report, "--out", tmp_path / "o", "--percentile", 150],
     }[case]
     code, _, err = run_cli(argv, capsys)
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]

@@ -15,10 +15,16 @@ from .report import atomic_write, load_report, markdown_tables, model_label
 HEAD_DIM = 64  # WideLast's wide block uses 64-d heads, so widths are best kept multiples of 64
 
 
+def _check_percentile(percentile: float) -> None:
+    if not 0 <= percentile <= 100:
+        raise UserError(f"percentile {percentile} is outside [0, 100]; fix: pass e.g. --percentile 99")
+
+
 def compare_reports(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, percentile: float = 99) -> dict:
     """Merge reports into compare.md / compare.json and one overlaid SEP figure."""
     if not paths:
         raise UserError("no reports to compare; fix: pass one or more report folders")
+    _check_percentile(percentile)
     reports = [load_report(p) for p in paths]
     thresholds = reports[0]["settings"]["thresholds"]
     levels = reports[0]["sep"]["levels"]
@@ -53,8 +59,7 @@ def advise_width(report: dict, student_width: int, energy: float = 0.95, percent
     """
     if student_width < 1:
         raise UserError(f"student width {student_width} must be positive; fix: pass e.g. --student-width 192")
-    if not 0 <= percentile <= 100:
-        raise UserError(f"percentile {percentile} is outside [0, 100]; fix: pass e.g. --percentile 99")
+    _check_percentile(percentile)
     thresholds = report["settings"]["thresholds"]
     matches = [j for j, t in enumerate(thresholds) if math.isclose(t, energy, abs_tol=1e-9)]
     if not matches:
