@@ -131,12 +131,12 @@ def _kwargs_list(kwargs: Dict[str, Any]) -> List[str]:
     return [f"{k}={v}" for k, v in kwargs.items()]
 
 
-def _train_args(cfg: DemoConfig, data_dir: Path, run_dir: Path, name: str, model: str, kwargs: Dict[str, Any],
+def _train_args(cfg: DemoConfig, data_dir: Path, out: Path, experiment: str, model: str, kwargs: Dict[str, Any],
                 seed: int, epochs: int) -> Dict[str, Any]:
     """The one recipe every run shares (the teacher differs only in having no teacher)."""
     return dict(
         model=model, model_kwargs=_kwargs_list(kwargs), img_size=cfg.img_size, data_dir=str(data_dir),
-        output=str(run_dir), experiment=name, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+        output=str(out), experiment=experiment, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr,
         warmup_epochs=min(2, max(epochs - 1, 0)), min_lr=1e-5, weight_decay=0.05, smoothing=0.1, seed=seed,
         workers=0, scale=[0.75, 1.0], hflip=0.0, color_jitter=0.0, checkpoint_keep=1,
     )
@@ -186,13 +186,11 @@ def _log(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
-def _load_run_model(run_dir: Path, model: str, kwargs: Dict[str, Any], num_classes: int, img_size: int):
+def _load_run_model(run_dir: Path):
+    """A finished run folder is a timm ``local-dir`` (config.json + model.safetensors)."""
     import timm
-    from safetensors.torch import load_file
 
-    net = timm.create_model(model, num_classes=num_classes, img_size=img_size, **kwargs)
-    net.load_state_dict(load_file(str(run_dir / "model.safetensors")))
-    return net.eval()
+    return timm.create_model(f"local-dir:{run_dir}", pretrained=True).eval()
 
 
 def _diagnose(net, label: str, val_dir: Path, out_dir: Path, cfg: DemoConfig) -> Path:
@@ -214,7 +212,6 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     import torch
 
     from .diagnostics import compare_reports
-    from .distill.trainer import train
     from .hub.export import export
 
     started = time.perf_counter()
@@ -230,32 +227,24 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     _log(f"    {data_dir}")
 
     teacher_name, teacher_kwargs = teacher_spec(cfg)
-    teacher_runs = out / "teacher"
     rows: Dict[str, Dict[str, Any]] = {}
-    reports: Dict[str, Path] = {}
     for seed in range(cfg.seeds):
         _log(f"2/6 teacher (seed {seed}): {teacher_name} width {2 * cfg.width}, {cfg.teacher_epochs} epochs")
-        t0 = time.perf_counter()
-        teacher = train(_train_args(cfg, data_dir, teacher_runs, f"seed{seed}", teacher_name, teacher_kwargs,
-                                    seed, cfg.teacher_epochs))
-        teacher_dir = Path(teacher["output_dir"])
+        teacher = _train_in_worker(_train_args(cfg, data_dir, out, f"teacher/seed{seed}", teacher_name,
+                                               teacher_kwargs, seed, cfg.teacher_epochs))
         row = rows.setdefault("teacher", dict(label=f"teacher ViT (width {2 * cfg.width})", top1=[], seconds=[]))
         row["top1"].append(teacher["final_top1"])
-        row["seconds"].append(time.perf_counter() - t0)
+        row["seconds"].append(teacher["seconds"])
 
         _log(f"3/6 students (seed {seed}), {cfg.epochs} epochs each, {cfg.jobs} at a time: "
              + "; ".join(v.label for v in variants(cfg)))
         jobs = []
         for variant in variants(cfg):
-            args = _train_args(cfg, data_dir, out / variant.key, f"seed{seed}", variant.model,
+            args = _train_args(cfg, data_dir, out, f"{variant.key}/seed{seed}", variant.model,
                                variant.model_kwargs, seed, cfg.epochs)
-            args["experiment"] = f"{variant.key}/seed{seed}"
-            args["output"] = str(out)
             if variant.distill:
-                args.update(KD_RECIPE, kd_model_name=teacher_name,
-                            kd_model_kwargs=_kwargs_list(dict(teacher_kwargs, img_size=cfg.img_size, num_classes=10)),
-                            kd_checkpoint=str(teacher_dir / "model.safetensors"), kd_pretrained=False,
-                            width_align=variant.width_align)
+                # the teacher's run folder holds its config.json: architecture and weights in one place
+                args.update(KD_RECIPE, kd_checkpoint=teacher["output_dir"], width_align=variant.width_align)
             jobs.append(args)
         results = _train_students(jobs, cfg) if cfg.jobs > 1 else [_train_in_worker(job) for job in jobs]
         for variant, result in zip(variants(cfg), results):
@@ -265,16 +254,12 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
             row.setdefault("run_dirs", []).append(os.path.relpath(result["output_dir"], out))
             _log(f"    {variant.label}: top-1 {result['final_top1']:.2f} ({result['seconds']:.0f} s)")
 
-    num_classes = 10
     _log("4/6 diagnostics (SVD / PCA / SEP) of each endpoint on the validation split")
-    teacher_net = _load_run_model(teacher_runs / "seed0", teacher_name, teacher_kwargs, num_classes, cfg.img_size)
-    rows["teacher"]["params"] = sum(p.numel() for p in teacher_net.parameters())
-    reports["teacher"] = _diagnose(teacher_net, rows["teacher"]["label"], val_dir, out / "reports" / "teacher", cfg)
-    for variant in variants(cfg):
-        net = _load_run_model(out / variant.key / "seed0", variant.model, variant.model_kwargs, num_classes,
-                              cfg.img_size)
-        rows[variant.key]["params"] = sum(p.numel() for p in net.parameters())
-        reports[variant.key] = _diagnose(net, variant.label, val_dir, out / "reports" / variant.key, cfg)
+    reports: Dict[str, Path] = {}
+    for key in rows:  # teacher first, then the students in table order; seed 0 of each
+        net = _load_run_model(out / key / "seed0")
+        rows[key]["params"] = sum(p.numel() for p in net.parameters())
+        reports[key] = _diagnose(net, rows[key]["label"], val_dir, out / "reports" / key, cfg)
     comparison = compare_reports([str(p) for p in reports.values()], out / "reports")
     sep_plot = out / "sep_overlay.png"
     shutil.copyfile(out / "reports" / "sep_compare.png", sep_plot)
