@@ -18,10 +18,10 @@ from timm.utils.model import unwrap_model
 from torch import nn
 
 from ..errors import UserError
-from ..taps import LayerSpec, TokenTap, resolve_tap
+from ..taps import LayerSpec, TokenTap, extract_tokens, resolve_tap
 from .endpoints import EndpointAligner
 from .losses import FEATURE_LOSSES, feature_loss, soft_kd_loss
-from .teacher import FrozenTeacher
+from .teacher import FrozenTeacher, model_input_size
 
 
 class DistillStudent(nn.Module):
@@ -162,21 +162,19 @@ class EndpointDistillationTask(TrainingTask):
     def _probe_widths(student: nn.Module, teacher: FrozenTeacher, layer: LayerSpec, teacher_layer: LayerSpec,
                       probe_size: Optional[Tuple[int, int]]) -> Tuple[int, int]:
         """Run one 1-image forward of each model to read the endpoint widths (architecture-agnostic)."""
-        from .teacher import model_input_size
         size = tuple(probe_size) if probe_size else model_input_size(student)
         param = next(student.parameters())
         x = torch.zeros(1, 3, *size, device=param.device, dtype=param.dtype)
         was_training = student.training
         student.eval()
-        with TokenTap(student, layer, stop_early=True) as tap:
-            tap.run(x)
-        student.train(was_training)
-        if tap.tokens is None:
-            raise UserError(f"student layer {tap.spec.module_name} never ran in the forward pass")
+        try:
+            s_tokens = extract_tokens(student, x, layer)
+        finally:
+            student.train(was_training)
         t_param = next(teacher.model.parameters())
         _, t_tokens, _ = teacher(x.to(t_param.device, t_param.dtype), need_logits=False, need_tokens=True,
                                  layer=teacher_layer)
-        return tap.tokens.shape[-1], t_tokens.shape[-1]
+        return s_tokens.shape[-1], t_tokens.shape[-1]
 
     # --- timm TrainingTask API -------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "EndpointDistillationTask":
