@@ -266,6 +266,11 @@ def pick_metrics(summary: List[Dict[str, str]], ema: bool = False, row: str = "l
             "row": row}
 
 
+def run_metrics(source: RunSource, metric_row: str = "last") -> Optional[Dict[str, Any]]:
+    """The metrics a card shows: summary.csv's chosen row, else those an earlier export recorded."""
+    return pick_metrics(source.summary, ema=source.ema, row=metric_row) or source.record.get("metrics") or None
+
+
 def teacher_of(args: Dict[str, Any], record: Dict[str, Any]) -> Tuple[Optional[str], Optional[str]]:
     """(teacher model name, pretrained tag) from args.yaml, or an earlier export's record."""
     if record.get("teacher"):
@@ -346,9 +351,7 @@ def run_card_info(model: nn.Module, name: str, kwargs: Dict[str, Any], source: R
     teacher_name, teacher_tag = teacher_of(args, source.record)
     teacher = f"{teacher_name}.{teacher_tag}" if teacher_name and teacher_tag else teacher_name
     dataset_id, dataset_label = _dataset(args, int(model.num_classes))
-    metrics = pick_metrics(source.summary, ema=source.ema, row=metric_row)
-    if metrics is None and source.record.get("metrics"):
-        metrics = source.record["metrics"]
+    metrics = run_metrics(source, metric_row)
     eval_split = str(_first(args, "val_split", "eval_split", default="validation"))
     results = []
     if metrics is not None:
@@ -491,7 +494,7 @@ def export(source_path: Union[str, Path], out: Union[str, Path], *, ema: bool = 
             "weights": "ema" if ema else "raw",
             "source_weights": source.weights.name,
             "teacher": {"name": teacher_name, "tag": teacher_tag} if teacher_name else None,
-            "metrics": pick_metrics(source.summary, ema=ema, row=metric_row) or source.record.get("metrics"),
+            "metrics": run_metrics(source, metric_row),
             "dataset": info.dataset_id,
             "repo_id": repo_id or cards.PLACEHOLDER_REPO,
             "stats": {"params_m": info.stats.params_m, "gmacs": info.stats.gmacs,
