@@ -10,7 +10,8 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import UserError
-from .report import atomic_write, load_report, markdown_tables, model_label
+from ..io import atomic_write
+from .report import load_report, markdown_tables, model_label
 
 HEAD_DIM = 64  # WideLast's wide block uses 64-d heads, so widths are best kept multiples of 64
 

@@ -8,7 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .report import atomic_write, model_label
+from ..io import atomic_write
+from .report import model_label
 
 
 def _figure():

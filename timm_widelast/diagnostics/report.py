@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..io import atomic_write
 from .data import ImageFiles, collate, list_images
 from .extract import DTYPES, TokenExtractor
 from .pca import DatasetPCA
@@ -301,21 +302,6 @@ def run_report(model: nn.Module, images: Any, out_dir: Optional[str | os.PathLik
     if out_dir is not None and main:
         write_report(report, out_dir, plots=plots)
     return report
-
-
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write to a temporary name in the same folder, then os.replace: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_report(path: str | os.PathLike) -> dict:
