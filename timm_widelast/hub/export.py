@@ -444,8 +444,7 @@ def _check_roundtrip(model: nn.Module, folder: Path) -> None:
 def export(source_path: Union[str, Path], out: Union[str, Path], *, ema: bool = False,
            model_name: Optional[str] = None, model_kwargs: Optional[Dict[str, Any]] = None,
            report: Optional[Union[str, Path]] = None, label_names: Optional[Union[str, Path]] = None,
-           repo_id: Optional[str] = None, metric_row: str = "last", overwrite: bool = False,
-           verify: bool = True) -> Path:
+           repo_id: Optional[str] = None, metric_row: str = "last", overwrite: bool = False) -> Path:
     """Write a Hub-ready export of a run folder or checkpoint to ``out`` (atomically); returns ``out``."""
     from timm.models._hub import save_for_hf
 
@@ -501,8 +500,7 @@ def export(source_path: Union[str, Path], out: Union[str, Path], *, ema: bool = 
                       "activations_m": info.stats.activations_m, "img_size": info.stats.img_size},
         }
         (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2), encoding="utf-8")
-        if verify:
-            _check_roundtrip(model, tmp)
+        _check_roundtrip(model, tmp)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
