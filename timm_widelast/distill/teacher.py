@@ -17,7 +17,6 @@ from torch import nn
 from ..errors import UserError
 from ..models._checkpoints import CheckpointMismatchError, load_release_checkpoint
 from ..taps import LayerSpec, TokenTap, resolve_tap
-from ..utils import parse_kwargs  # noqa: F401  (re-exported for the trainer)
 
 
 def model_input_size(model: nn.Module) -> Tuple[int, int]:

@@ -33,9 +33,11 @@ from torch.utils.data import DataLoader
 import timm_widelast  # noqa: F401  (registers our students in timm's factory)
 
 from ..errors import UserError
+from ..utils import parse_kwargs
+from .endpoints import WIDTH_ALIGN_MODES
 from .losses import FEATURE_LOSSES
-from .task import EndpointDistillationTask
-from .teacher import FrozenTeacher, create_teacher_model, parse_kwargs
+from .task import EndpointDistillationTask, check_weights
+from .teacher import FrozenTeacher, create_teacher_model
 
 CHECKPOINT_DIR = "checkpoints"
 META_FILE = "meta.json"
@@ -137,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--feat-weight", type=float, default=0.2, help="l_feat")
     g.add_argument("--kd-layer", default=None, help="teacher tap (block index or module name; default: endpoint)")
     g.add_argument("--student-layer", default=None, help="student tap (default: Lift/WideLast endpoint)")
-    g.add_argument("--width-align", default="auto", choices=["auto", "pool", "linear", "none"])
+    g.add_argument("--width-align", default="auto", choices=WIDTH_ALIGN_MODES)
     g = p.add_argument_group("output / checkpoints / logging")
     g.add_argument("--output", default="output/train")
     g.add_argument("--experiment", default="", help="run folder name (default: the model name)")
@@ -202,12 +204,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.kd_model_name and not timm.is_model(args.kd_model_name):
         raise UserError(f"unknown teacher model {args.kd_model_name!r} (see timm.list_models())")
     a = args.distill_loss_weight
-    if a < 0 or a > 1:
-        raise UserError(f"--distill-loss-weight (a) must be in [0, 1], got {a}")
-    for name in ("task_loss_weight", "feat_weight"):
-        value = getattr(args, name)
-        if value is not None and value < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    check_weights(1.0 - a if args.task_loss_weight is None else args.task_loss_weight, a, args.feat_weight)
     teacher_needed = a > 0 or (args.feat_loss != "none" and args.feat_weight > 0)
     if teacher_needed and not (args.kd_model_name or args.kd_checkpoint):
         raise UserError("soft KD (--distill-loss-weight > 0) or --feat-loss needs a teacher: pass --kd-model-name")
