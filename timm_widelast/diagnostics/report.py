@@ -216,11 +216,12 @@ def run_report(model: nn.Module, images: Any, out_dir: Optional[str | os.PathLik
             raise UserError(f"token shape changed from {token_shape} to {tuple(tokens.shape[1:])}; "
                             "fix: use one input size for all images (the model's own preprocessing does)")
         ids.append(idx)
+        if cache is not None:
+            cache.write(tokens)
+        tokens = tokens.to(torch.float64)  # once for all three statistics (each would cast its own copy)
         svd_ranks.append(energy_ranks(singular_energies(tokens), thresholds).cpu().numpy())
         sep_dims.append(sep.update(tokens))
         pca.update(tokens)
-        if cache is not None:
-            cache.write(tokens)
 
     # ---- combine processes ----
     infos = _all_gather({"shape": token_shape, "bad": bad_images}, world)
