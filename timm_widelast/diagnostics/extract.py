@@ -18,8 +18,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 TOKEN_POLICIES = ("patch", "all")
 
 
-
-
 def load_checkpoint_weights(path: str) -> dict[str, torch.Tensor]:
     """A state dict from a .safetensors file or a torch file loaded with weights_only=True.
 
@@ -37,6 +35,7 @@ def load_checkpoint_weights(path: str) -> dict[str, torch.Tensor]:
     if not state:
         raise UserError(f"checkpoint {path!r} holds no state dict; fix: save model.state_dict()")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
 
 def build_model(name: str, checkpoint: Optional[str] = None, pretrained: Optional[bool] = None,
                 model_kwargs: Optional[dict] = None) -> nn.Module:
