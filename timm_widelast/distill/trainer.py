@@ -623,17 +623,19 @@ def train(args: Union[argparse.Namespace, Dict[str, Any]]) -> Dict[str, Any]:
                 with accelerator.autocast():  # covers the (unprepared) teacher forward too
                     out = task(x, y)
                 # one reduce gives the logged mean and lets every rank agree to stop on a bad loss
-                losses = accelerator.reduce(torch.stack([out[k].detach().float() for k in loss_keys]), "mean")
-                if not torch.isfinite(losses).all():
+                # the step's one host transfer: every loss value below comes from this list
+                losses = accelerator.reduce(torch.stack([out[k].detach().float() for k in loss_keys]),
+                                            "mean").tolist()
+                if not all(map(math.isfinite, losses)):
                     raise NonFiniteLossError(
-                        f"non-finite loss ({losses[0].item()}) at epoch {epoch}, batch {batch_idx} "
+                        f"non-finite loss ({losses[0]}) at epoch {epoch}, batch {batch_idx} "
                         f"(after {num_updates} updates); stopped, last good checkpoint: {last_good()}")
                 accelerator.backward(out["loss"])
                 if args.clip_grad and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(trainable.parameters(), args.clip_grad)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            for key, value in zip(loss_keys, losses.tolist()):
+            for key, value in zip(loss_keys, losses):
                 sums[key] += value
             sums["batches"] += 1
             if not accelerator.sync_gradients:
@@ -646,7 +648,7 @@ def train(args: Union[argparse.Namespace, Dict[str, Any]]) -> Dict[str, Any]:
             if num_updates % max(args.log_interval, 1) == 0:
                 bar.set_postfix(loss=f"{sums['loss'] / sums['batches']:.4f}")
                 if trackers:
-                    accelerator.log({"train/" + k: v for k, v in zip(loss_keys, losses.tolist())}
+                    accelerator.log({"train/" + k: v for k, v in zip(loss_keys, losses)}
                                     | {"lr": optimizer.param_groups[0]["lr"]}, step=num_updates)
             if args.checkpoint_every_steps and num_updates % args.checkpoint_every_steps == 0:
                 checkpoint(epoch, batch_idx + 1, sums)
