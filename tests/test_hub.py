@@ -224,3 +224,10 @@ def test_export_without_optional_files(tmp_path):
     assert card.data.eval_results is None and "No SEP report" in card.text
     with pytest.raises(Exception, match="no EMA weights"):
         export(run, tmp_path / "out-ema", ema=True)
+
+
+def test_overwrite_replaces_a_file_without_leftovers(run_and_export, tmp_path):
+    """--overwrite of a plain file named like the export leaves only the export behind."""
+    (tmp_path / "out").write_text("not an export")
+    out = export(run_and_export["run"], tmp_path / "out", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "model.safetensors").is_file()

@@ -520,8 +520,10 @@ def _replace_dir(new: Path, out: Path) -> None:
         if old is not None:
             os.replace(old, out)
         raise
-    if old is not None:
+    if old is not None and old.is_dir() and not old.is_symlink():
         shutil.rmtree(old, ignore_errors=True)
+    elif old is not None:
+        old.unlink(missing_ok=True)  # --overwrite of a file (or link) named like the export
 
 
 # ----------------------------------------------------------------------------------------------
