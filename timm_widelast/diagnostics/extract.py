@@ -89,6 +89,7 @@ class TokenExtractor:
         self.tap = _Tap(model, layer, stop_early=True)
         self.spec = self.tap.spec
         self.num_prefix_tokens = 0  # known after the first batch
+        self.layout = self.spec.layout  # 'NLC' once the tap is seen to output tokens
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -105,6 +106,7 @@ class TokenExtractor:
                             "fix: pick a block on the model's main path with --layer")
         tokens, out = tap.tokens, tap.raw
         if out.dim() == 3:
+            self.layout = "NLC"
             self.num_prefix_tokens = out.shape[1] - tokens.shape[1]
             if self.policy == "all":
                 tokens = out

@@ -281,7 +281,7 @@ def run_report(model: nn.Module, images: Any, out_dir: Optional[str | os.PathLik
     report = {
         "schema": SCHEMA,
         "model": {**model_meta, "tap": extractor.spec.module_name,
-                  "num_prefix_tokens": extractor.num_prefix_tokens, "layout": extractor.spec.layout,
+                  "num_prefix_tokens": extractor.num_prefix_tokens, "layout": extractor.layout,
                   "token_policy": token_policy, "tokens": token_shape[0], "dim": dim, "dtype": dtype},
         "data": {**data_meta, "num_images": int(len(names)), "requested_images": total,
                  "num_skipped": len(all_bad), "skipped": [err for _, err in all_bad[:100]]},
