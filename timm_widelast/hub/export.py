@@ -157,10 +157,8 @@ def _model_spec(source: RunSource, model_name: Optional[str], model_kwargs: Dict
         raise UserError(f"no model name for {source.weights}; fix: pass --model NAME (e.g. deit_tiny_widelast) "
                         "and its width kwargs with --model-kwargs")
     kwargs: Dict[str, Any] = dict(source.config.get("model_args") or {})
-    run_kwargs = _first(args, "model_kwargs", "model_args", default={})
-    if isinstance(run_kwargs, (list, tuple)):  # timm's train.py stores --model-kwargs as k=v strings
-        run_kwargs = parse_kwargs(run_kwargs)
-    kwargs.update(run_kwargs or {})
+    # A mapping, or k=v strings as timm's train.py stores --model-kwargs.
+    kwargs.update(parse_kwargs(_first(args, "model_kwargs", "model_args")))
     for key in ("num_classes", "img_size", "in_chans"):
         if args.get(key) not in (None, ""):
             kwargs[key] = args[key]
