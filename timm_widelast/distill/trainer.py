@@ -393,10 +393,13 @@ def export_student(accelerator, trainable, path: Path, model: Optional[torch.nn.
     path.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
     from timm.models._hub import save_config_for_hf
+    # both files are written beside and renamed over, so a kill never leaves a half-written export
     tmp = path / ".model.safetensors.tmp"
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
     os.replace(tmp, path / "model.safetensors")
-    save_config_for_hf(student, path / "config.json", data_config=data_config)
+    tmp = path / ".config.json.tmp"
+    save_config_for_hf(student, tmp, data_config=data_config)
+    os.replace(tmp, path / "config.json")
 
 
 def write_summary(path: Path, rows: List[Dict[str, Any]]) -> None:
