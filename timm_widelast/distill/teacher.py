@@ -89,7 +89,7 @@ class FrozenTeacher(nn.Module):
         self.need_logits = need_logits
         self.need_tokens = need_tokens
         if need_tokens:
-            self.tap_spec = resolve_tap(model, layer)  # fails early on a layer the teacher lacks
+            resolve_tap(model, layer)  # fails early on a layer the teacher lacks
         cfg = getattr(model, "pretrained_cfg", None) or {}
         mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), dtype=torch.float32).view(1, -1, 1, 1)
         std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), dtype=torch.float32).view(1, -1, 1, 1)
