@@ -189,6 +189,10 @@ class CardInfo:
     sep_missing: str = "No SEP report was attached to this export (`timm-widelast sep`, then `export --report DIR`)."
 
 
+_MISMATCH = ("The paper finds that a narrow student with a throw-away linear adapter cannot match a wide teacher's "
+             "per-image token subspaces and spread-out channel spectra (\"encoding mismatch\"); ")
+
+
 def describe_family(model: nn.Module, architecture: str) -> Tuple[str, str]:
     """("Lift" | "WideLast", a short paragraph on how it differs from plain DeiT), read off the model itself."""
     narrow = int(model.patch_embed.proj.out_channels)
@@ -202,9 +206,7 @@ def describe_family(model: nn.Module, architecture: str) -> Tuple[str, str]:
             f"projector at inference: the output of the last block (without the narrow final norm) goes token-wise "
             f"through Linear({narrow}->{wide}, no bias) and LayerNorm({wide}), and the classifier is Linear({wide}, C) "
             f"on the mean of the lifted patch tokens (class token excluded); {base}'s own final norm and {narrow}-wide "
-            f"head are not used. The paper finds that a narrow student with a throw-away linear adapter cannot match "
-            f"a wide teacher's per-image token subspaces and spread-out channel spectra (\"encoding mismatch\"); "
-            f"keeping the teacher-width endpoint gives the student that capacity.")
+            f"head are not used. {_MISMATCH}keeping the teacher-width endpoint gives the student that capacity.")
     dims = [int(b.proj_in.out_features) for b in model.blocks if hasattr(b, "proj_in")]
     last_heads = int(model.blocks[-1].attn.num_heads)
     widened = sum(1 for b in model.blocks if int(b.norm1.normalized_shape[0]) != narrow)
@@ -215,9 +217,7 @@ def describe_family(model: nn.Module, architecture: str) -> Tuple[str, str]:
         f"(width {narrow}, {heads} heads) and widens only "
         f"{schedule}: a widening block first lifts every token (class token included) with Linear(no bias) + "
         f"LayerNorm, then runs an ordinary pre-norm ViT block at the new width; the final norm and the class-token "
-        f"head are {wide} wide. The paper finds that a narrow student with a throw-away linear adapter cannot match a "
-        f"wide teacher's per-image token subspaces and spread-out channel spectra (\"encoding mismatch\"); a "
-        f"teacher-width last block gives the student that capacity at little cost.")
+        f"head are {wide} wide. {_MISMATCH}a teacher-width last block gives the student that capacity at little cost.")
 
 
 def feature_dims(model: nn.Module) -> List[int]:
