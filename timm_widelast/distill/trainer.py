@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import io
 import json
 import math
 import os
@@ -33,6 +34,7 @@ from torch.utils.data import DataLoader
 import timm_widelast  # noqa: F401  (registers our students in timm's factory)
 
 from ..errors import UserError
+from ..io import atomic_write
 from ..utils import parse_kwargs
 from .endpoints import WIDTH_ALIGN_MODES
 from .losses import FEATURE_LOSSES
@@ -391,12 +393,10 @@ def export_student(accelerator, trainable, path: Path, model: Optional[torch.nn.
     if model is None:
         state = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
     path.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     from timm.models._hub import save_config_for_hf
     # both files are written beside and renamed over, so a kill never leaves a half-written export
-    tmp = path / ".model.safetensors.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, path / "model.safetensors")
+    atomic_write(path / "model.safetensors", save({k: v.detach().cpu().contiguous() for k, v in state.items()}))
     tmp = path / ".config.json.tmp"
     save_config_for_hf(student, tmp, data_config=data_config)
     os.replace(tmp, path / "config.json")
@@ -407,12 +407,11 @@ def write_summary(path: Path, rows: List[Dict[str, Any]]) -> None:
     if not rows:
         return
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue())
 
 
 @torch.no_grad()
