@@ -29,6 +29,11 @@ def run_cli(argv: Sequence[str]) -> int:
         cli.COMMAND_MODULES = saved
 
 
+def folder_files(folder: Path) -> Dict[str, bytes]:
+    """Every file under ``folder`` (relative POSIX path -> bytes), to compare a folder before and after."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
 def tiny_model():
     import timm
 

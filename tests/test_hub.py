@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from _hub_helpers import TINY_KWARGS, make_run, make_run_and_export, run_cli
+from _hub_helpers import TINY_KWARGS, folder_files, make_run, make_run_and_export, run_cli
 from huggingface_hub import ModelCard
 
 from timm_widelast.hub.export import export, load_exported
@@ -28,13 +28,9 @@ def _logits(model, seed: int = 0) -> torch.Tensor:
         return model.eval()(x)
 
 
-def _files(folder: Path) -> dict:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
 def test_export_layout_and_local_dir_round_trip(run_and_export):
     out, model = run_and_export["export"], run_and_export["model"]
-    names = set(_files(out))
+    names = set(folder_files(out))
     assert {"model.safetensors", "config.json", "README.md", "training_record.json", "args.yaml", "summary.csv",
             "sep_report/report.json", "sep_report/report.md", "sep_report/sep_curve.png"} <= names
     config = json.loads((out / "config.json").read_text())
@@ -66,7 +62,7 @@ def test_hf_hub_from_offline_cache(run_and_export, tmp_path, monkeypatch):
     blobs = repo / "blobs"
     snapshot.mkdir(parents=True)
     blobs.mkdir()
-    for rel, data in _files(run_and_export["export"]).items():
+    for rel, data in folder_files(run_and_export["export"]).items():
         # Real caches store blobs and symlink snapshot files to them.
         import hashlib
 
@@ -136,12 +132,12 @@ def test_export_ema_best_row_and_overwrite(run_and_export, tmp_path):
     assert "hf-hub:org/tiny-ema" in card.text and "EMA weights" in card.text
 
     # An existing export is replaced only with --overwrite, and kept when the new export fails.
-    before = _files(out)
+    before = folder_files(out)
     with pytest.raises(Exception, match="already exists"):
         export(run, out)
     with pytest.raises(Exception, match="shape|does not fit|lacks"):
         export(run, out, overwrite=True, model_kwargs={"wide_dim": 96, "wide_heads": 2})
-    assert _files(out) == before
+    assert folder_files(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ema"]  # no temporary folders left behind
     export(run, out, overwrite=True)
     assert json.loads((out / "training_record.json").read_text())["weights"] == "raw"

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 
 import httpx2
 import pytest
-from _hub_helpers import make_run_and_export, run_cli
+from _hub_helpers import folder_files, make_run_and_export, run_cli
 from huggingface_hub import constants
 from huggingface_hub.utils import _http
 
@@ -104,14 +104,9 @@ def hub(monkeypatch, tmp_path):
     _http.set_client_factory(_http.default_client_factory)
 
 
-def snapshot(folder: Path) -> Dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in folder.rglob("*") if p.is_file()}
-
-
 def test_push_sends_repo_creation_and_one_commit(export_dir, hub, capsys):
     mock = hub["mock"]
-    before = snapshot(export_dir)
+    before = folder_files(export_dir)
     rc = run_cli(["push", str(export_dir), "--repo-id", "org/tiny", "--private", "--commit-message", "Add tiny"])
     assert rc == 0, capsys.readouterr().err
     assert mock.calls() == ["POST /api/repos/create", "POST /api/validate-yaml",
@@ -129,7 +124,7 @@ def test_push_sends_repo_creation_and_one_commit(export_dir, hub, capsys):
             assert data == (export_dir / rel).read_bytes(), rel
     # The card's snippets get the real repo id; the folder itself is not touched.
     assert b"hf-hub:org/tiny" in sent["README.md"] and b"your-org/your-model" not in sent["README.md"]
-    assert snapshot(export_dir) == before
+    assert folder_files(export_dir) == before
     assert "pushed" in capsys.readouterr().out
 
 
@@ -176,7 +171,7 @@ def _fails(argv: List[str], capsys, expected: str) -> None:
 
 def test_push_errors_are_one_line_and_keep_the_folder(export_dir, hub, capsys, monkeypatch, tmp_path):
     mock = hub["mock"]
-    before = snapshot(export_dir)
+    before = folder_files(export_dir)
     ok = ["push", str(export_dir), "--repo-id", "org/tiny"]
 
     # Checked before any network call.
@@ -209,4 +204,4 @@ def test_push_errors_are_one_line_and_keep_the_folder(export_dir, hub, capsys, m
     _http.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(unreachable)))
     monkeypatch.setattr(_http, "_DEFAULT_RETRY_ON_EXCEPTIONS", ())
     _fails(ok, capsys, "cannot reach the Hub")
-    assert snapshot(export_dir) == before
+    assert folder_files(export_dir) == before
