@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..io import atomic_write
+
 TAGS = ["image-classification", "timm", "knowledge-distillation", "vision-transformer"]
 LICENSE = "apache-2.0"
 PAPER_URL = "https://arxiv.org/abs/2511.15572"
@@ -429,13 +431,12 @@ def write_paper_cards(out_dir: Path, configs: Sequence[PaperConfig] = PAPER_CONF
     for cfg in configs:
         info = paper_card_info(cfg)
         path = out_dir / cfg.name / "README.md"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(str(render_card(info)) + "\n", encoding="utf-8")
+        atomic_write(path, str(render_card(info)) + "\n")
         written.append(path)
         index.append(f"| [{cfg.name}]({cfg.name}/README.md) | {cfg.row} | {cfg.top1:.2f} | "
                      f"{info.stats.params_m:.2f} | {info.stats.gmacs:.2f} | "
                      f"{'authors release' if cfg.released_file else 'not released'} |")
     index += ["", "Regenerate after changing `timm_widelast/templates/model_card.md` or "
               "`timm_widelast/hub/cards.py`:", "", "```", "timm-widelast cards --paper --out hub_cards", "```", ""]
-    (out_dir / "README.md").write_text("\n".join(index), encoding="utf-8")
+    atomic_write(out_dir / "README.md", "\n".join(index))
     return written

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
+from ..io import atomic_write
 from ..utils import parse_kwargs
 
 
@@ -58,8 +59,7 @@ def cmd_card(args: argparse.Namespace) -> int:
                              report_folder=folder)
         text = str(cards.render_card(info))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+        atomic_write(args.out, text + "\n")
         print(f"wrote {args.out}")
     else:
         sys.stdout.write(text + "\n")
