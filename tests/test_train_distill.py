@@ -83,7 +83,7 @@ def test_yaml_config_and_cli_override(tmp_path):
 
 
 def test_configs_parse_with_paper_recipe():
-    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    configs = sorted((ROOT / "timm_widelast" / "configs").glob("*.yaml"))
     assert len(configs) >= 10
     for path in configs:
         args = parse_args(["-c", str(path)])

@@ -21,7 +21,6 @@ import io
 import json
 import math
 import os
-import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -36,13 +35,13 @@ import timm_widelast  # noqa: F401  (registers our students in timm's factory)
 from ..errors import UserError
 from ..io import atomic_write
 from ..utils import parse_kwargs
+from .checkpoints import CHECKPOINT_DIR, META_FILE, find_resume_checkpoint, list_checkpoints, save_checkpoint
+from .data import SeededAugDataset, count_classes, create_datasets
 from .endpoints import WIDTH_ALIGN_MODES
 from .losses import FEATURE_LOSSES
 from .task import EndpointDistillationTask, check_weights
 from .teacher import FrozenTeacher, create_teacher_model
 
-CHECKPOINT_DIR = "checkpoints"
-META_FILE = "meta.json"
 # accelerate tracker name -> python package that must be importable
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "comet_ml": ("comet_ml",),
                     "aim": ("aim",), "mlflow": ("mlflow",), "clearml": ("clearml",), "dvclive": ("dvclive",),
@@ -169,10 +168,29 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def packaged_configs() -> List[str]:
+    """Names of the recipes shipped inside the package (``-c NAME`` finds them)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config(name_or_path: str) -> Path:
+    """A YAML path, or the name of a packaged recipe (``widelast_softkd_mse``, with or without ``.yaml``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    packaged = CONFIG_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if path.parent == Path(".") and packaged.is_file():
+        return packaged
+    raise UserError(f"config not found: {name_or_path}; fix: give a YAML path or one of the packaged recipes: "
+                    f"{', '.join(packaged_configs())}")
+
+
 def load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
-    """Read a YAML config; unknown keys are an error (a typo would otherwise be ignored silently)."""
-    if not Path(path).is_file():
-        raise UserError(f"config file not found: {path}")
+    """Read a YAML config (path or packaged recipe name); unknown keys are an error (a typo would pass silently)."""
+    path = resolve_config(path)
     with open(path) as f:
         cfg = yaml.safe_load(f) or {}
     if not isinstance(cfg, dict):
@@ -243,80 +261,6 @@ def resolve_trackers(args: argparse.Namespace) -> List[str]:
     return sorted(set(trackers))
 
 
-def _split_root(args: argparse.Namespace, split: str, training: bool) -> Optional[str]:
-    """For folder datasets: the split folder; a flat train root is allowed, a missing val split means no eval."""
-    root = Path(args.data_dir)
-    candidates = [split] + (["val"] if split == "validation" else [])
-    for name in candidates:
-        if (root / name).is_dir():
-            return str(root / name)
-    return str(root) if training else None
-
-
-def create_datasets(args: argparse.Namespace):
-    """timm ``create_dataset`` for train and (when present) validation; empty data is a UserError."""
-    folder = not args.dataset or args.dataset.lower() in ("folder", "imagefolder")
-    datasets = []
-    for split, training in ((args.train_split, True), (args.val_split, False)):
-        root = _split_root(args, split, training) if folder else args.data_dir
-        if root is None:
-            datasets.append(None)
-            continue
-        try:
-            ds = timm.data.create_dataset(args.dataset, root=root, split=split, is_training=training,
-                                          download=args.dataset_download, batch_size=args.batch_size,
-                                          seed=args.seed, search_split=False)
-        except (RuntimeError, FileNotFoundError, ValueError) as err:
-            raise UserError(f"cannot read {split} data from {root}: {str(err).splitlines()[0]}") from err
-        if len(ds) == 0:
-            raise UserError(f"no images in {root}")
-        datasets.append(ds)
-    return datasets[0], datasets[1]
-
-
-class SeededAugDataset(torch.utils.data.Dataset):
-    """Makes each sample's augmentation a pure function of (seed, rank, epoch, index).
-
-    The global RNGs are left untouched (forked and restored around each sample). So a resumed
-    run sees the same augmentations as an uninterrupted one, whatever the worker count, and
-    even though Accelerate's loader fetches one batch ahead of the checkpoint it saves.
-    """
-
-    def __init__(self, dataset, seed: int, rank: int) -> None:
-        self.dataset, self.seed, self.rank, self.epoch = dataset, seed, rank, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        import random
-
-        import numpy as np
-        seed = int(np.random.SeedSequence([self.seed, self.rank, self.epoch, int(index)]).generate_state(1)[0])
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
-
-
-def count_classes(dataset) -> Optional[int]:
-    reader = getattr(dataset, "reader", None)
-    class_to_idx = getattr(reader, "class_to_idx", None) or getattr(dataset, "class_to_idx", None)
-    if class_to_idx:
-        return len(class_to_idx)
-    classes = getattr(dataset, "classes", None)
-    return len(classes) if classes else None
-
-
 def create_student(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
     kwargs = parse_kwargs(args.model_kwargs)
     if args.img_size is not None:
@@ -327,59 +271,6 @@ def create_student(args: argparse.Namespace, num_classes: int) -> torch.nn.Modul
         return timm.create_model(args.model, pretrained=args.pretrained, num_classes=num_classes, **kwargs)
     except (TypeError, ValueError) as err:
         raise UserError(f"bad --model-kwargs for {args.model}: {err}") from err
-
-
-def list_checkpoints(ckpt_root: Path) -> List[Path]:
-    """Complete checkpoints, oldest first. Half-written ones (``.tmp-*``, no meta.json) are ignored."""
-    if not ckpt_root.is_dir():
-        return []
-    done = [d for d in ckpt_root.iterdir() if d.is_dir() and not d.name.startswith(".") and (d / META_FILE).is_file()]
-    return sorted(done, key=lambda d: d.name)
-
-
-def save_checkpoint(accelerator, ckpt_root: Path, meta: Dict[str, Any], keep: int) -> Path:
-    """Atomic ``save_state``: write into a temp folder, then rename; prune to the last ``keep``.
-
-    A kill at any moment leaves either the previous checkpoints or the new complete one: the
-    rename is the commit, and ``meta.json`` (written last, fsynced) marks a folder as complete.
-    """
-    name = f"ckpt_{meta['num_updates']:09d}_e{meta['epoch']:04d}_b{meta['batch']:07d}"
-    final, tmp = ckpt_root / name, ckpt_root / f".tmp-{name}"
-    if accelerator.is_main_process:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # every rank writes its own RNG state
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with open(tmp / META_FILE, "w") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(ckpt_root)[:-max(keep, 1)]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def find_resume_checkpoint(resume: str, run_dir: Path) -> Optional[Path]:
-    """``auto`` -> latest in this run (None when there is none); a path -> that checkpoint or run's latest."""
-    if not resume:
-        return None
-    if resume == "auto":
-        found = list_checkpoints(run_dir / CHECKPOINT_DIR)
-        return found[-1] if found else None
-    path = Path(resume)
-    if (path / META_FILE).is_file():
-        return path
-    for root in (path / CHECKPOINT_DIR, path):
-        found = list_checkpoints(root)
-        if found:
-            return found[-1]
-    raise UserError(f"--resume {resume}: no complete checkpoint there")
 
 
 def export_student(accelerator, trainable, path: Path, model: Optional[torch.nn.Module] = None,
