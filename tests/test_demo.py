@@ -74,3 +74,24 @@ def test_demo_end_to_end_small(tmp_path):
     from safetensors.torch import load_file
     trained = load_file(str(out / "widelast_kd" / "seed0" / "model.safetensors"))
     assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+
+
+def test_width_that_does_not_split_into_heads_is_one_line_before_starting(tmp_path, capsys):
+    """`demo --width 31` once failed with an AssertionError after starting: the 62-wide teacher has 3 heads."""
+    import re
+
+    from timm_widelast.cli import main
+    from timm_widelast.demo import teacher_spec, variants
+
+    out = tmp_path / "demo"
+    code = main(["demo", "--width", "31", "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --width 31") and captured.out == ""
+    assert not out.exists() and not (tmp_path / "cache").exists()  # nothing started, nothing written
+    suggested = [int(w) for w in re.findall(r"--width (\d+)", err[0])[1:]]
+    assert suggested
+    for width in suggested:  # the widths it suggests do build: teacher and all four students
+        cfg = DemoConfig(width=width, depth=1, img_size=16, patch_size=4)
+        for name, kwargs in [teacher_spec(cfg), *((v.model, v.model_kwargs) for v in variants(cfg))]:
+            timm.create_model(name, img_size=16, num_classes=10, **kwargs)

@@ -101,3 +101,118 @@ def test_sep_rejects_bad_levels_and_mode():
         sep_bandwidths(torch.randn(1, 4, 8), levels=[50, 100])
     with pytest.raises(UserError, match="fix:"):
         sep_bandwidths(torch.randn(1, 4, 8), mode="half")
+
+
+def numpy_image_curves(tokens: np.ndarray, mode: str) -> np.ndarray:
+    """Per image: the mean over its tokens of the per-token cumulative SEP curve, in percent."""
+    dim = tokens.shape[-1]
+    if mode == "full":
+        energy = np.abs(np.fft.fft(tokens, axis=-1)) ** 2
+    else:  # one-sided: interior rfft bins stand for two two-sided bins
+        energy = np.abs(np.fft.rfft(tokens, axis=-1)) ** 2
+        energy[..., 1: (dim + 1) // 2] *= 2
+    return (100 * np.cumsum(energy, -1) / energy.sum(-1, keepdims=True)).mean(1)
+
+
+def numpy_first_reach(curves: np.ndarray, levels) -> np.ndarray:
+    return np.stack([np.argmax(curves >= a, axis=-1) + 1 for a in levels], -1)
+
+
+@pytest.mark.parametrize("mode,dim", [("full", 24), ("folded", 25)])
+def test_permutation_robustness_equals_per_image_reference(mode, dim):
+    rng = np.random.default_rng(5)
+    # images with differently shaped channel spectra, so each image has its own bandwidths
+    tokens = rng.standard_normal((7, 9, dim)) * np.linspace(3.0, 0.2, dim) ** rng.uniform(0.5, 3.0, (7, 1, 1))
+    levels = (50, 60, 70, 80, 90)
+    res = sep_bandwidths(torch.from_numpy(tokens), mode=mode, levels=levels, permutations=50, batch_size=3)
+    bins = dim if mode == "full" else dim // 2 + 1
+    # the release's protocol, written out: one generator seeded 2026, 50 permutations drawn in turn
+    perm_rng = np.random.default_rng(2026)
+    natural_curves = numpy_image_curves(tokens, mode)
+    natural = (numpy_first_reach(natural_curves, levels) / bins).mean(0)
+    stats, l1 = [], []
+    for _ in range(50):
+        curves = numpy_image_curves(tokens[..., perm_rng.permutation(dim)], mode)
+        stats.append((numpy_first_reach(curves, levels) / bins).mean(0))
+        l1.append(np.mean(np.abs(curves.mean(0) - natural_curves.mean(0))) / 100)
+    stats = np.array(stats)
+    got = res["permutations"]["per_image"]
+    np.testing.assert_allclose(got["natural_mean"], natural, atol=1e-12)
+    np.testing.assert_allclose(got["b_mean"], stats, atol=1e-12)
+    np.testing.assert_allclose(got["delta_mean"], (stats - natural).mean(0), atol=1e-12)
+    np.testing.assert_allclose(got["delta_std"], (stats - natural).std(0), atol=1e-12)
+    np.testing.assert_allclose(got["curve_l1"], l1, atol=1e-10)
+    assert res["permutations"]["count"] == 50 and res["permutations"]["seed"] == 2026
+    assert np.ptp(stats, axis=0).max() > 0  # the permutations really change the statistic here
+
+
+def table_report(svd_p99, pca_p99):
+    return {"model": {"label": "m", "dim": 64}, "settings": {"thresholds": [0.8, 0.9, 0.95, 0.99]},
+            "svd": {"percentiles": {"99": svd_p99}, "ranks": []},
+            "pca": {"percentiles": {"99": pca_p99}, "required_dims": []},
+            "sep": {"mode": "full", "levels": [50.0], "d": [32], "b": [0.5]}}
+
+
+def test_paper_table_rounds_percentiles_like_the_release():
+    from timm_widelast.diagnostics.report import markdown_tables
+
+    md = markdown_tables([table_report([1.4, 2.5, 3.5, 7.6], [11.0, 20.5, 30.49, 61.51])], 99)
+    # int(round(p)): halves go to the even neighbour (Python and numpy alike), as the release prints them
+    assert "| m | 64 | 1 | 2 | 4 | 8 | 11 | 20 | 30 | 62 |" in md
+
+
+def demo_teacher_report():
+    """The demo's measured teacher numbers, read from docs/demo (results.json and the teacher's report.md)."""
+    import json
+    import re
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parents[1] / "docs" / "demo"
+    results = json.loads((demo / "results.json").read_text())
+    teacher = results["sep"]["teacher"]
+    md = (demo / "teacher_report" / "report.md").read_text()
+    p99_table = md.split("99th percentile over images")[1]
+    row = next(ln for ln in p99_table.splitlines() if ln.startswith(f"| {teacher['label']} |"))
+    cells = [float(v) for v in re.findall(r"\|\s*([\d.]+)(?=\s*\|)", row)]
+    dim, svd, pca = int(cells[0]), cells[1:5], cells[5:9]
+    assert dim == teacher["dim"]
+    report = {"model": {"label": teacher["label"], "dim": dim},
+              "settings": {"thresholds": [0.8, 0.9, 0.95, 0.99]},
+              "svd": {"ranks": [svd] * 3}, "pca": {"required_dims": [pca] * 3},  # percentile of equal rows = the row
+              "sep": {"levels": [50.0, 60.0, 70.0, 80.0, 90.0], "b": teacher["b"]}}
+    return results, report
+
+
+def test_advise_agrees_with_the_demos_measured_ordering():
+    from timm_widelast.diagnostics import advise_width
+
+    results, report = demo_teacher_report()
+    rows, width = results["rows"], results["recipe"]["cfg"]["width"]
+    assert report["model"]["dim"] == 2 * width  # the demo's teacher is twice the student's width
+    # measured: a teacher-width endpoint beat plain (channel-pooled) feature KD at the student's width
+    assert rows["widelast_kd"]["top1_mean"] > rows["plain_naive_kd"]["top1_mean"]
+    advice = advise_width(report, width)
+    assert advice["recommendation"] == "widelast" and advice["alternative"] == "lift" and not advice["fits"]
+    assert advice["recommended_width"] == report["model"]["dim"]
+    # the binding width: b_90 of the teacher's D channels
+    assert advice["minimum_width"] == int(np.ceil(report["sep"]["b"][4] * report["model"]["dim"])) > width
+
+
+def test_advise_json_never_contradicts_itself():
+    from timm_widelast.diagnostics import advise_width
+
+    rng = np.random.default_rng(0)
+    dim = 64
+    pca = rng.integers(5, 40, (50, 4)).cumsum(1).clip(max=dim)
+    report = {"model": {"label": "t", "dim": dim}, "settings": {"thresholds": [0.8, 0.9, 0.95, 0.99]},
+              "svd": {"ranks": (pca // 3 + 1).tolist()}, "pca": {"required_dims": pca.tolist()},
+              "sep": {"levels": [50.0, 60.0, 70.0, 80.0, 90.0], "b": [0.5, 0.6, 0.7, 0.8, 0.875]}}
+    need = max(int(np.ceil(np.percentile(pca[:, 2], 99))), int(np.ceil(0.875 * dim)))
+    for width in (8, need - 1, need, 60, dim, 96):
+        a = advise_width(report, width)
+        assert a["minimum_width"] == need
+        assert a["fits"] == (width >= need)
+        assert a["minimum_width"] <= a["recommended_width"]
+        assert a["recommended_width"] == (width if a["fits"] else dim)
+        assert a["recommendation"] == ("feature-kd" if a["fits"] else "widelast")
+        assert bool(a["warnings"]) == (width > dim)

@@ -1,12 +1,16 @@
 """Loss terms vs hand computations, endpoint taps vs plain forwards, and the frozen teacher."""
 from __future__ import annotations
 
+import copy
 import math
+import time
 
+import numpy as np
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import timm_widelast  # noqa: F401
 from timm_widelast.distill import (
@@ -178,12 +182,12 @@ def test_widelast_and_lift_student_endpoints():
     x = torch.randn(2, 3, 32, 32)
     from timm_widelast.distill import DistillStudent
     wide = widelast().eval()
-    logits, tokens, grid = DistillStudent(wide)(x)
+    logits, (tokens,), (grid,) = DistillStudent(wide)(x)  # one layer by default: lists of one
     assert tokens.requires_grad and grid == (4, 4)
     assert torch.allclose(tokens, _manual_vit_tokens(wide, x), atol=1e-6)
     assert torch.allclose(logits, wide(x), atol=1e-6)
     lifted = lift().eval()
-    _, tokens, _ = DistillStudent(lifted)(x)
+    _, (tokens,), _ = DistillStudent(lifted)(x)
     ref = lifted.forward_features(x)[:, lifted.num_prefix_tokens:]  # lifted tokens, after Linear + LayerNorm
     assert tokens.shape == (2, 16, 64)
     assert torch.allclose(tokens, ref, atol=1e-6)
@@ -275,3 +279,208 @@ def test_teacher_checkpoint_by_path(tmp_path):
         create_teacher_model("vit_small_patch16_224", kwargs, str(tmp_path / "bad.pth"))
     with pytest.raises(UserError, match="does not fit"):
         create_teacher_model("vit_small_patch16_224", dict(kwargs, num_classes=5), str(tmp_path / "t.safetensors"))
+
+
+# --- paired layers (several feature-loss pairs) ---------------------------------------------------------
+def _vit_block_tokens(model, x, index):
+    """Patch tokens after block ``index`` of a timm ViT-family model, by a plain block loop."""
+    h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    for blk in model.blocks[: index + 1]:
+        h = blk(h)
+    return h[:, model.num_prefix_tokens:]
+
+
+def test_paired_layers_loss_is_mean_over_pairs_aligned_per_pair():
+    torch.manual_seed(0)
+    student, teacher = widelast().eval(), deit_teacher().eval()  # student blocks: 32 then 64 wide; teacher 64
+    task = EndpointDistillationTask(student, FrozenTeacher(teacher, student_mean=teacher.pretrained_cfg["mean"],
+                                                           student_std=teacher.pretrained_cfg["std"]),
+                                    feat_loss="mse", feat_weight=0.5, student_layer=[0, 1], teacher_layer=[0, 1])
+    assert task.width_mode == "pool,none"  # pair 0 pools the teacher to 32 channels, pair 1 matches
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    out = task.eval()(x, y)
+    s0, s1 = _vit_block_tokens(student, x, 0), _vit_block_tokens(student, x, 1)
+    t0, t1 = _vit_block_tokens(teacher, x, 0), _vit_block_tokens(teacher, x, 1)
+    t0_pooled = (t0[..., 0::2] + t0[..., 1::2]) / 2  # 64 -> 32: means of adjacent channel pairs
+    hand = (((s0 - t0_pooled) ** 2).mean() + ((s1 - t1) ** 2).mean()) / 2
+    assert s0.shape[-1] == 32 and s1.shape[-1] == 64
+    assert torch.allclose(out["feat_loss"], hand, atol=1e-6)
+    assert torch.allclose(out["loss"], out["task_loss"] + 0.5 * hand, atol=1e-6)
+
+
+def test_paired_layers_linear_projector_per_pair_and_count_mismatch():
+    task = EndpointDistillationTask(widelast(), FrozenTeacher(deit_teacher()), feat_loss="spectral", feat_weight=0.2,
+                                    student_layer=[0, 1], teacher_layer=[0, 1], width_align="linear")
+    projector = task.trainable_module.projector
+    assert [(p.in_features, p.out_features) for p in projector] == [(32, 64), (64, 64)]
+    assert set(task.get_task_state()["projector"]) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+    task(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))["loss"].backward()
+    assert all(p.weight.grad is not None for p in projector)
+    with pytest.raises(UserError, match=r"2 layer\(s\) and --kd-layer 1"):
+        EndpointDistillationTask(widelast(), FrozenTeacher(deit_teacher()), feat_loss="mse", feat_weight=0.2,
+                                 student_layer=[0, 1], teacher_layer=[1])
+
+
+# --- hard distillation -----------------------------------------------------------------------------------
+def test_hard_distillation_is_ce_to_teacher_argmax():
+    torch.manual_seed(0)
+    student, teacher = widelast().eval(), deit_teacher().eval()
+    task = EndpointDistillationTask(student, FrozenTeacher(teacher), distill_loss_weight=0.7, temperature=3.0,
+                                    distillation_type="hard").eval()
+    x, y = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 5])
+    out = task(x, y)
+    with torch.no_grad():
+        logp = torch.log_softmax(student(x).double(), -1).numpy()
+        teacher_class = teacher(task.teacher.preprocess(x)).argmax(-1).numpy()
+    hard = -logp[np.arange(6), teacher_class].mean()  # no temperature: DeiT's hard distillation
+    ce = -logp[np.arange(6), y.numpy()].mean()
+    assert abs(out["kd_loss"].item() - hard) < 1e-5
+    assert abs(out["loss"].item() - (0.3 * ce + 0.7 * hard)) < 1e-5
+    with pytest.raises(UserError, match="distillation-type"):
+        EndpointDistillationTask(student, FrozenTeacher(teacher), distill_loss_weight=0.7, distillation_type="x")
+
+
+# --- a student wider than its teacher ----------------------------------------------------------------------
+def _adaptive_windows(channels: int, out: int):
+    """PyTorch's adaptive pooling windows: [floor(i*C/out), ceil((i+1)*C/out))."""
+    return [(i * channels // out, -(-(i + 1) * channels // out)) for i in range(out)]
+
+
+@pytest.mark.parametrize("feat_loss", ["mse", "spectral"])
+def test_wider_student_is_pooled_down_to_the_teacher_as_released(feat_loss):
+    torch.manual_seed(0)
+    student = timm.create_model("deit_tiny_lift", lift_dim=96, **TINY).eval()  # 96 wide vs a 64-wide teacher
+    teacher = deit_teacher().eval()
+    cfg = teacher.pretrained_cfg
+    task = EndpointDistillationTask(student, FrozenTeacher(teacher, student_mean=cfg["mean"], student_std=cfg["std"]),
+                                    feat_loss=feat_loss, feat_weight=1.0)
+    assert task.width_mode == "pool"
+    x = torch.randn(2, 3, 32, 32)
+    out = task.eval()(x, torch.tensor([0, 1]))
+    with torch.no_grad():
+        s_tok = student.forward_features(x)[:, student.num_prefix_tokens:].double().numpy()  # lifted tokens
+        t_tok = _vit_block_tokens(teacher, x, 1).double().numpy()
+    pooled = np.stack([s_tok[..., a:b].mean(-1) for a, b in _adaptive_windows(96, 64)], -1)
+    # the release's op on [B, C, H, W] maps gives the same windows
+    s_map = torch.from_numpy(s_tok).transpose(1, 2).reshape(2, 96, 4, 4)
+    released = F.adaptive_avg_pool3d(s_map, (64, None, None)).flatten(2).transpose(1, 2).numpy()
+    assert np.allclose(pooled, released, atol=1e-12)
+    if feat_loss == "mse":
+        hand = ((pooled - t_tok) ** 2).mean()
+    else:
+        spectrum = lambda tok: np.fft.rfft2(tok.reshape(2, 4, 4, -1), axes=(1, 2), norm="ortho")  # noqa: E731
+        diff = spectrum(pooled) - spectrum(t_tok)
+        hand = (np.concatenate([diff.real, diff.imag]) ** 2).mean()
+    assert abs(out["feat_loss"].item() - hand) < 1e-5 * max(1.0, hand)
+    EndpointDistillationTask(student, FrozenTeacher(teacher), feat_loss="mse", feat_weight=1.0, width_align="pool")
+
+
+# --- holding the teacher in bf16 -----------------------------------------------------------------------------
+class _CountCasts(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.casts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.casts += func is torch.ops.aten._to_copy.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_teacher_held_in_bf16_matches_autocast_within_bf16_rounding():
+    torch.manual_seed(0)
+    model = deit_teacher()
+    cfg = model.pretrained_cfg
+    autocast_teacher = FrozenTeacher(model, student_mean=cfg["mean"], student_std=cfg["std"])
+    held = FrozenTeacher(copy.deepcopy(model), student_mean=cfg["mean"], student_std=cfg["std"])
+    held.hold_weights_in(torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in held.model.parameters())
+    x = torch.randn(8, 3, 32, 32)
+    ref_logits, ref_tokens, _ = autocast_teacher(x)  # float32 weights, no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with _CountCasts() as per_op:
+            auto_logits, auto_tokens, _ = autocast_teacher(x)
+        with _CountCasts() as once:
+            held_logits, held_tokens, grid = held(x)
+    assert grid == (4, 4) and held_tokens.dtype == torch.bfloat16
+    assert per_op.casts > 10 and once.casts <= 1  # autocast casts weights in every op; held: only the input
+    ulp = 2.0 ** -8  # bf16 keeps 8 significant bits
+    for auto, hold, ref in ((auto_logits, held_logits, ref_logits), (auto_tokens, held_tokens, ref_tokens)):
+        assert (hold.float() - auto.float()).abs().max() <= 6 * ulp * ref.abs().max()
+    held_out = held(x)  # without autocast the held teacher computes in bf16 throughout
+    assert held_out[0].dtype == torch.bfloat16
+
+
+# --- multi-layer Lift: taps follow model.lift_tap_name ---------------------------------------------------
+def test_integer_layers_tap_multi_layer_lift_projectors():
+    from timm_widelast.distill import DistillStudent
+    from timm_widelast.taps import resolve_tap
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_lift", lift_dim=64, lift_start=0, lift_schedule="linear", **TINY).eval()
+    names = [resolve_tap(model, layer).module_name for layer in (0, 1, -1, None)]
+    assert names == ["lift_norms.0", "lift_norm", "lift_norm", "lift_norm"]
+    x = torch.randn(2, 3, 32, 32)
+    logits, tokens, grids = DistillStudent(model, layer=[0, 1])(x)
+    with torch.no_grad():  # by hand: block 0's own projector (width int(32 + 32 * 1/2) = 48), then the endpoint
+        h0 = model.blocks[0](model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x)))))
+        side = model.lift_norms["0"](model.lift_projs["0"](h0))[:, 1:]
+        end = model.lift_norm(model.lift_proj(model.blocks[1](h0)))[:, 1:]
+    assert [t.shape[-1] for t in tokens] == [48, 64] and grids == [(4, 4)] * 2
+    assert torch.allclose(tokens[0], side, atol=1e-6) and torch.allclose(tokens[1], end, atol=1e-6)
+    assert torch.allclose(logits, model(x), atol=1e-6)
+    plain = timm.create_model("deit_tiny_lift", lift_dim=64, **TINY)  # one projector: earlier blocks are blocks.i
+    assert resolve_tap(plain, 0).module_name == "blocks.0" and resolve_tap(plain, 1).module_name == "lift_norm"
+
+
+# --- offline teacher ---------------------------------------------------------------------------------------
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE=1 and an empty HF_HOME, in the environment and in the hub's already-read constants."""
+    from huggingface_hub import constants
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def test_offline_teacher_without_cached_weights_fails_at_once(offline_hub):
+    from timm_widelast.distill import create_teacher_model
+    start = time.monotonic()
+    with pytest.raises(UserError, match="--kd-checkpoint") as err:
+        create_teacher_model("vit_small_patch16_224")
+    assert "--kd-no-pretrained" in str(err.value) and "offline" in str(err.value)
+    assert time.monotonic() - start < 5
+    create_teacher_model("vit_small_patch16_224", dict(img_size=32, patch_size=8, embed_dim=64, depth=2,
+                                                       num_heads=2), pretrained=False)  # random weights need no hub
+
+
+def test_offline_teacher_loads_cached_weights(offline_hub):
+    from safetensors.torch import save_file
+
+    from timm_widelast.distill import create_teacher_model
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)  # 1000 classes, as the cfg
+    src = timm.create_model("vit_small_patch16_224", **kwargs)
+    repo = offline_hub / "models--timm--vit_small_patch16_224.augreg_in21k_ft_in1k"  # the hub's cache layout
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    save_file(src.state_dict(), str(repo / "snapshots" / ("0" * 40) / "model.safetensors"))
+    loaded = create_teacher_model("vit_small_patch16_224", kwargs)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in src.state_dict().items())
+
+
+def test_taps_under_gradient_checkpointing_give_the_same_gradients():
+    """Hooks registered once stay quiet when checkpointed blocks are recomputed in backward."""
+    torch.manual_seed(0)
+    grads = []
+    teacher = FrozenTeacher(deit_teacher())
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        student = widelast()
+        student.set_grad_checkpointing(checkpointing)
+        task = EndpointDistillationTask(student, teacher, feat_loss="mse", feat_weight=1.0, task_loss_weight=0.0,
+                                        student_layer=[0, 1], teacher_layer=[0, 1]).train()
+        task(torch.ones(2, 3, 32, 32), torch.tensor([0, 1]))["loss"].backward()
+        grads.append({n: p.grad for n, p in student.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and "blocks.0.attn.qkv.weight" in grads[0]
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])

@@ -1,4 +1,4 @@
-"""`timm-widelast push` at the HTTP layer: huggingface_hub's client factory with an httpx2 MockTransport.
+"""`timm-widelast push` at the HTTP layer: huggingface_hub's client factory with an httpx MockTransport.
 
 No Hub is reachable here; these tests pin down the exact requests huggingface_hub sends for
 our push (repo creation, one commit with every file, its message) and our one-line errors.
@@ -11,11 +11,17 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import httpx2
 import pytest
 from _hub_helpers import folder_files, make_run_and_export, run_cli
 from huggingface_hub import constants
 from huggingface_hub.utils import _http
+
+# huggingface_hub >= 1.0 sends every request through one httpx client made by a factory we can replace:
+# httpx2 from 2.x on, httpx in 1.x. The 0.x releases use requests and have no such hook.
+httpx2 = getattr(_http, "httpx2", None) or getattr(_http, "httpx", None)
+if httpx2 is None or not hasattr(_http, "set_client_factory"):
+    pytest.skip("this huggingface_hub has no httpx client factory (set_client_factory, huggingface_hub>=1.0); "
+                "the push transport tests need it", allow_module_level=True)
 
 HUB = "https://huggingface.co"
 TOKEN = "hf_testtoken0123456789"
@@ -113,8 +119,10 @@ def test_push_sends_repo_creation_and_one_commit(export_dir, hub, capsys):
                             "POST /api/models/org/tiny/preupload/main", "POST /api/models/org/tiny/commit/main"]
     assert all(r.headers["authorization"] == f"Bearer {TOKEN}" for r in mock.requests
                if r.url.path != "/api/agent-harnesses")
-    assert mock.json_of("/api/repos/create") == {"name": "tiny", "organization": "org", "visibility": "private",
-                                                 "type": "model"}
+    created = mock.json_of("/api/repos/create")
+    # huggingface_hub 1.0 sends private: true, later releases visibility: private
+    assert created.pop("visibility", None) == "private" or created.pop("private", None) is True
+    assert created == {"name": "tiny", "organization": "org", "type": "model"}
     lines = mock.commit_lines()
     assert lines[0] == {"key": "header", "value": {"summary": "Add tiny", "description": ""}}
     sent = {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in lines[1:]}
@@ -202,6 +210,54 @@ def test_push_errors_are_one_line_and_keep_the_folder(export_dir, hub, capsys, m
         raise httpx2.ConnectError("Name or service not known", request=request)
 
     _http.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(unreachable)))
-    monkeypatch.setattr(_http, "_DEFAULT_RETRY_ON_EXCEPTIONS", ())
+    monkeypatch.setattr(_http, "_DEFAULT_RETRY_ON_EXCEPTIONS", (), raising=False)  # no retries (>= 1.x)
     _fails(ok, capsys, "cannot reach the Hub")
     assert folder_files(export_dir) == before
+
+
+def test_push_never_publishes_numbers_of_other_weights(export_dir, hub, capsys, tmp_path):
+    """A card whose model-index holds the paper's number (or any number the export did not measure) is refused."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    ok = ["--repo-id", "org/tiny"]
+    paper_card = tmp_path / "paper-card"
+    shutil.copytree(export_dir, paper_card)
+    shutil.copy(root / "hub_cards" / "deit_tiny_widelast.cait_s24_softkd_mse_in1k" / "README.md",
+                paper_card / "README.md")
+    _fails(["push", str(paper_card), *ok, "--dry-run"], capsys, "top-1 accuracy 78.23 from the paper")
+
+    edited = tmp_path / "edited"
+    shutil.copytree(export_dir, edited)
+    text = (edited / "README.md").read_text()
+    top1 = json.loads((edited / "training_record.json").read_text())["metrics"]["top1"]
+    assert f"value: {top1}" in text
+    (edited / "README.md").write_text(text.replace(f"value: {top1}", "value: 99.9", 1))
+    _fails(["push", str(edited), *ok], capsys, "99.9 from nowhere in training_record.json")
+    assert hub["mock"].calls() == []
+
+
+def test_push_uploads_args_without_local_paths(export_dir, hub, capsys, tmp_path):
+    """An export whose args.yaml still holds absolute local paths is uploaded with those paths cut (item 3)."""
+    import shutil
+
+    import yaml
+
+    old = tmp_path / "old-export"
+    shutil.copytree(export_dir, old)
+    args = yaml.safe_load((old / "args.yaml").read_text())
+    args.update(data_dir="/home/alice/datasets/imagenet", kd_checkpoint="local-dir:/home/alice/teachers/cait",
+                output="~/runs", initial_checkpoint="https://example.org/w/deit.pth")
+    (old / "args.yaml").write_text(yaml.safe_dump(args))
+    before = folder_files(old)
+    assert run_cli(["push", str(old), "--repo-id", "org/tiny", "--dry-run"]) == 0
+    assert "args.yaml" in capsys.readouterr().out.split("[local paths removed]")[0].splitlines()[-1]
+    assert run_cli(["push", str(old), "--repo-id", "org/tiny"]) == 0
+    lines = hub["mock"].commit_lines()[1:]
+    sent = {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in lines}
+    uploaded = yaml.safe_load(sent["args.yaml"])
+    cut = (uploaded["data_dir"], uploaded["kd_checkpoint"], uploaded["output"])
+    assert cut == ("imagenet", "local-dir:cait", "runs")
+    assert uploaded["initial_checkpoint"] == "https://example.org/w/deit.pth"  # URLs are kept
+    assert b"alice" not in b"".join(sent.values())
+    assert folder_files(old) == before  # the folder itself is only read

@@ -22,13 +22,29 @@ TINY = {
     "deit_small_lift": dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, lift_dim=96),
     "deit_small_widelast": dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, wide_dim=96,
                                 wide_heads=6),
+    # Multi-layer Lift: side projectors after blocks 1 (48 wide) and 2 (the endpoint, 64).
+    "deit_tiny_lift@multi": dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, lift_dim=64,
+                                 lift_start=1, lift_schedule="linear"),
 }
 NAMES = sorted(TINY)
 
 
+def arch(name: str) -> str:
+    """The registered model of a TINY entry (``name@variant`` entries are extra configurations)."""
+    return name.split("@")[0]
+
+
 def tiny(name: str, **kwargs) -> torch.nn.Module:
     torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, **dict(TINY[name], **kwargs))
+    return timm.create_model(arch(name), pretrained=False, **dict(TINY[name], **kwargs))
+
+
+def side_outputs(model: torch.nn.Module) -> list:
+    """Capture the outputs of the multi-layer Lift's side projectors (empty for other models)."""
+    captured = []
+    for norm in getattr(model, "lift_norms", {}).values():
+        norm.register_forward_hook(lambda module, args, output: captured.append(output))
+    return captured
 
 
 def count(model: torch.nn.Module) -> int:
@@ -98,6 +114,157 @@ def test_lift_width_ablation(lift_dim):
     assert count(model) == expected
 
 
+# DeiT-Tiny pieces counted by hand (192 wide, 1000 classes), for the multi-layer Lift counts below.
+DEIT_TINY_PARAMS = 5_717_416
+DEIT_TINY_NORM_AND_HEAD = 2 * 192 + (192 * 1000 + 1000)
+
+
+def _projector_params(width: int, in_dim: int = 192) -> int:
+    return in_dim * width + 2 * width  # Linear without bias + LayerNorm weight and bias
+
+
+@pytest.mark.parametrize("schedule, side_widths", [
+    ("linear", {9: 256, 10: 320}),  # int(192 + 192 * k / 3)
+    ("exponential", {9: 241, 10: 304}),  # int(192 * 2 ** (k / 3)): 241.9, 304.8
+    ("step", {}),  # the last block only
+])
+def test_multi_layer_lift_follows_the_release_widths(schedule, side_widths):
+    with torch.device("meta"):
+        model = timm.create_model("deit_tiny_lift", lift_start=9, lift_schedule=schedule)
+    assert {int(k): m.weight.shape[0] for k, m in model.lift_projs.items()} == side_widths
+    assert all(m.bias is None for m in model.lift_projs.values())
+    assert {int(k): m.weight.shape[0] for k, m in model.lift_norms.items()} == side_widths
+    assert tuple(model.lift_proj.weight.shape) == (384, 192) and tuple(model.head.weight.shape) == (1000, 384)
+    expected = (DEIT_TINY_PARAMS - DEIT_TINY_NORM_AND_HEAD + sum(_projector_params(w) for w in side_widths.values())
+                + _projector_params(384) + 384 * 1000 + 1000)
+    assert count(model) == expected
+    for block in range(12):
+        name = model.lift_tap_name(block)
+        assert name == ("lift_norm" if block == 11 else f"lift_norms.{block}" if block in side_widths else None)
+    assert model.lift_tap_name(-1) == "lift_norm"
+
+
+def test_default_lift_is_unchanged_by_the_multi_layer_option():
+    with torch.device("meta"):
+        default = timm.create_model("deit_tiny_lift")
+        explicit = timm.create_model("deit_tiny_lift", lift_start=11, lift_schedule="linear")
+    assert count(default) == 5_983_528
+    assert list(default.state_dict()) == list(explicit.state_dict())
+    assert not any(k.startswith(("lift_projs", "lift_norms")) for k in default.state_dict())
+
+
+@pytest.mark.parametrize("kwargs, hint", [
+    (dict(lift_start=12), "0..11"),
+    (dict(lift_start=-1), "0..11"),
+    (dict(lift_start=9, lift_schedule="cubic"), "linear"),
+])
+def test_invalid_lift_options_say_what_works(kwargs, hint):
+    with pytest.raises(ValueError, match=hint):
+        timm.create_model("deit_tiny_lift", **kwargs)
+
+
+def test_side_projectors_run_in_every_forward_on_their_blocks():
+    model = tiny("deit_tiny_lift@multi").eval()
+    captured = side_outputs(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(x)
+        # Independently: block 1's output through its own Linear + LayerNorm (PyTorch eps 1e-5).
+        tokens = model._pos_embed(model.patch_embed(x))
+        outputs = []
+        for block in model.blocks:
+            tokens = block(tokens)
+            outputs.append(tokens)
+        proj, norm = model.lift_projs["1"], model.lift_norms["1"]
+        expected = F.layer_norm(F.linear(outputs[1], proj.weight), (48,), norm.weight, norm.bias, 1e-5)
+        head_in = F.layer_norm(F.linear(outputs[2], model.lift_proj.weight), (64,), model.lift_norm.weight,
+                               model.lift_norm.bias, 1e-5)[:, 1:].mean(dim=1)
+    assert len(captured) == 1 and torch.allclose(captured[0], expected, atol=1e-6)
+    # The head reads only the endpoint projector.
+    assert torch.allclose(logits, F.linear(head_in, model.head.weight, model.head.bias), atol=1e-5)
+    model.forward_intermediates(x)
+    assert len(captured) == 2 and torch.allclose(captured[1], expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation as released
+# ---------------------------------------------------------------------------------------------
+
+def test_widelast_class_token_is_trunc_normal_002_as_released():
+    kwargs = dict(img_size=16, patch_size=8, embed_dim=64, depth=2, num_heads=1, wide_dim=64, wide_heads=1,
+                  mlp_ratio=0.25, num_classes=2)
+    samples = []
+    for seed in range(30):
+        torch.manual_seed(seed)
+        samples.append(timm.create_model("deit_tiny_widelast", **kwargs).cls_token.detach().flatten())
+    values = torch.cat(samples)  # 1920 draws; timm's own ViT would give std 1e-6
+    assert abs(values.std().item() - 0.02) < 0.002
+    assert abs(values.mean().item()) < 0.002
+    model = timm.create_model("deit_tiny_widelast", **kwargs)
+    model.init_weights()  # a re-initialisation keeps the released scheme
+    assert model.cls_token.abs().max().item() > 1e-3
+
+
+def _assert_pytorch_default_linear(linear: torch.nn.Linear) -> None:
+    """kaiming_uniform(a=sqrt(5)): U(-b, b) with b = 1/sqrt(fan_in), variance b^2/3; the bias too."""
+    bound = 1 / math.sqrt(linear.in_features)
+    tensors = [linear.weight] + ([linear.bias] if linear.bias is not None else [])
+    for tensor in tensors:
+        values = tensor.detach().flatten()
+        assert values.abs().max().item() <= bound
+        assert values.abs().max().item() > 0.9 * bound  # fills the interval: uniform, not trunc_normal(0.02)
+        assert abs(values.var().item() / (bound ** 2 / 3) - 1) < 0.12
+
+
+def test_lift_projectors_and_head_keep_pytorch_default_init_as_released():
+    model = tiny("deit_tiny_lift@multi", num_classes=1000)
+    for linear in (model.lift_proj, model.lift_projs["1"], model.head):
+        _assert_pytorch_default_linear(linear)
+    assert torch.equal(model.lift_norm.weight, torch.ones(64)) and torch.equal(model.lift_norm.bias, torch.zeros(64))
+    model.init_weights()
+    for linear in (model.lift_proj, model.lift_projs["1"], model.head):
+        _assert_pytorch_default_linear(linear)
+
+
+# ---------------------------------------------------------------------------------------------
+# The release's uniform-wide control students
+# ---------------------------------------------------------------------------------------------
+
+def _vit_params(width: int, depth: int = 12, patch: int = 16, image: int = 224, classes: int = 1000) -> int:
+    """A DeiT/ViT in closed form: patch embed, cls + pos, per block 12 D^2 + 13 D, final norm, head."""
+    tokens = (image // patch) ** 2 + 1
+    block = (2 * width + (3 * width * width + 3 * width) + (width * width + width) + 2 * width
+             + (4 * width * width + 4 * width) + (4 * width * width + width))
+    return (3 * patch * patch * width + width) + width + tokens * width + depth * block + 2 * width \
+        + width * classes + classes
+
+
+@pytest.mark.parametrize("width", [204, 219])
+@pytest.mark.parametrize("kind", ["scratch", "spectralkd"])
+def test_uniform_wide_control_configs(width, kind):
+    from timm_widelast.distill.trainer import parse_args
+    from timm_widelast.utils import parse_kwargs
+
+    assert _vit_params(192) == DEIT_TINY_PARAMS  # the formula against DeiT-Tiny's published size
+    args = parse_args(["-c", f"reviewer_uniformwide_{width}_{kind}"])
+    kwargs = parse_kwargs(args.model_kwargs)
+    assert args.model == "deit_tiny_patch16_224" and kwargs == {"embed_dim": width, "num_heads": 3}
+    with torch.device("meta"):
+        model = timm.create_model(args.model, num_classes=args.num_classes, **kwargs)
+    assert count(model) == _vit_params(width)  # 6,427,204 and 7,372,759
+    assert model.blocks[0].attn.head_dim == width // 3
+    # The release's main.py: lr 5e-4 x global batch / 512, 300 epochs, drop-path 0, batch 512 per GPU.
+    assert (args.lr, args.lr_base, args.lr_base_size, args.lr_base_scale) == (None, 5e-4, 512, "linear")
+    assert (args.epochs, args.batch_size, args.drop_path, args.sched_on_updates) == (300, 512, 0.0, False)
+    if kind == "scratch":
+        assert args.kd_model_name is None and args.feat_loss == "none" and args.distill_loss_weight == 0
+    else:
+        # distillation-alpha 0, beta 1, w-fft 0.2, s-id [11], t-id [23], teacher cait_s24_224.
+        assert args.kd_model_name.startswith("cait_s24_224")
+        assert (args.distill_loss_weight, args.feat_loss, args.feat_weight) == (0.0, "spectral", 0.2)
+        assert (args.student_layer, args.kd_layer, args.width_align) == ([11], [23], "pool")
+
+
 def test_widelast_width_kwargs_and_gradual_schedule():
     with torch.device("meta"):
         model = timm.create_model("deit_tiny_widelast", wide_dim=256, wide_heads=4)
@@ -105,6 +272,10 @@ def test_widelast_width_kwargs_and_gradual_schedule():
         dims = [192] * 9 + [256, 320, 384]
         heads = [3] * 9 + [4, 5, 6]
         gradual = timm.create_model("deit_tiny_widelast", block_dims=dims, block_heads=heads)
+        # Without wide_heads the wide block keeps the narrow head dim (192 / 3 = 64), like the release's heads_* plans.
+        assert timm.create_model("deit_tiny_widelast", wide_dim=320).blocks[11].attn.num_heads == 5
+    with pytest.raises(ValueError, match="head dim 64"):
+        timm.create_model("deit_tiny_widelast", wide_dim=250)
     assert [f["num_chs"] for f in gradual.feature_info] == dims
     # Each width change carries its own widening projection.
     widened = [i for i, block in enumerate(gradual.blocks) if hasattr(block, "proj_in")]
@@ -164,9 +335,10 @@ def test_reset_classifier_gives_a_working_head(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_backward_reaches_every_parameter(name):
     model = tiny(name, num_classes=42).train()
+    sides = side_outputs(model)  # side projectors feed only per-layer feature losses
     out = model(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 42)
-    out.mean().backward()
+    (out.mean() + sum(side.mean() for side in sides)).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing
 
@@ -229,10 +401,10 @@ def test_prune_intermediate_layers(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_meta_device_unknown_kwarg_groups_and_weight_decay(name):
     with torch.device("meta"):
-        model = timm.create_model(name, **TINY[name])
+        model = timm.create_model(arch(name), **TINY[name])
     assert all(p.device.type == "meta" for p in model.parameters())
     with pytest.raises(TypeError):
-        timm.create_model(name, not_a_real_kwarg=1, **TINY[name])
+        timm.create_model(arch(name), not_a_real_kwarg=1, **TINY[name])
     model = tiny(name)
     groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.75)
     assert len({g["lr_scale"] for g in groups}) > 1
@@ -242,7 +414,7 @@ def test_meta_device_unknown_kwarg_groups_and_weight_decay(name):
     assert "blocks" in matcher and "stem" in matcher
 
 
-@pytest.mark.parametrize("name", ["deit_tiny_lift", "deit_tiny_widelast"])
+@pytest.mark.parametrize("name", ["deit_tiny_lift", "deit_tiny_widelast", "deit_tiny_lift@multi"])
 def test_torchscript_fx_and_compile(name):
     from timm.layers import set_scriptable
     from timm.models._features_fx import create_feature_extractor, get_graph_node_names
@@ -290,17 +462,17 @@ def _reference_stem(img, sd, patch):
     return torch.cat([sd["cls_token"].expand(x.shape[0], -1, -1), x], dim=1) + sd["pos_embed"]
 
 
-def authors_widelast_forward(img, sd, patch, heads):
+def authors_widelast_forward(img, sd, patch, heads, pre_logits=False):
     x = _reference_stem(img, sd, patch)
     for i, head_count in enumerate(heads):
         if f"blocks.{i}.proj_in.weight" in sd:
             x = _ln(F.linear(x, sd[f"blocks.{i}.proj_in.weight"]), sd, f"blocks.{i}.proj_norm", 1e-6)
         x = _reference_block(x, sd, f"blocks.{i}", head_count)
     x = _ln(x, sd, "norm", 1e-6)
-    return F.linear(x[:, 0], sd["head.weight"], sd["head.bias"])
+    return x[:, 0] if pre_logits else F.linear(x[:, 0], sd["head.weight"], sd["head.bias"])
 
 
-def authors_lift_forward(img, sd, patch, heads, depth):
+def authors_lift_forward(img, sd, patch, heads, depth, pre_logits=False):
     base = {k[len("base_model."):]: v for k, v in sd.items() if k.startswith("base_model.")}
     x = _reference_stem(img, base, patch)
     for i in range(depth):
@@ -308,7 +480,8 @@ def authors_lift_forward(img, sd, patch, heads, depth):
     last = depth - 1
     x = F.linear(x, sd[f"projections.{last}.weight"])
     x = F.layer_norm(x, (x.shape[-1],), sd[f"layer_norms.{last}.weight"], sd[f"layer_norms.{last}.bias"], 1e-5)
-    return F.linear(x[:, 1:].mean(dim=1), sd["head.weight"], sd["head.bias"])
+    pooled = x[:, 1:].mean(dim=1)
+    return pooled if pre_logits else F.linear(pooled, sd["head.weight"], sd["head.bias"])
 
 
 def _random_like(model: torch.nn.Module, seed: int) -> dict:
@@ -371,6 +544,102 @@ def test_authors_lift_checkpoint_maps_every_tensor(tmp_path):
         assert torch.allclose(model(img), authors_lift_forward(img, weights, 8, 2, 3), atol=1e-5)
 
 
+def _lift_release_weights(vit_kwargs: dict, widths: dict, num_classes: int, seed: int) -> dict:
+    """The release's Lift layout: a whole DeiT under ``base_model.``, ``projections.i``/``layer_norms.i`` per block."""
+    base = timm.create_model("deit_tiny_patch16_224", num_classes=num_classes, **vit_kwargs)
+    generator = torch.Generator().manual_seed(seed)
+    weights = {f"base_model.{k}": torch.randn(v.shape, generator=generator) * 0.1 for k, v in base.state_dict().items()}
+    in_dim = vit_kwargs["embed_dim"]
+    for block, width in widths.items():
+        weights[f"projections.{block}.weight"] = torch.randn(width, in_dim, generator=generator) * 0.1
+        weights[f"layer_norms.{block}.weight"] = 1 + torch.randn(width, generator=generator) * 0.1
+        weights[f"layer_norms.{block}.bias"] = torch.randn(width, generator=generator) * 0.1
+    last = widths[max(widths)]
+    weights["head.weight"] = torch.randn(num_classes, last, generator=generator) * 0.1
+    weights["head.bias"] = torch.randn(num_classes, generator=generator) * 0.1
+    return weights
+
+
+def test_authors_multi_layer_lift_checkpoint_maps_every_tensor(tmp_path):
+    vit_kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2)
+    # The release keys projectors by 0-based block index; linear from block 1: int(32 + 32 / 2) = 48, then 64.
+    weights = _lift_release_weights(vit_kwargs, {1: 48, 2: 64}, num_classes=10, seed=7)
+    model = _load_file("deit_tiny_lift", _deit_style_file(tmp_path, weights, "multi.pth"), lift_dim=64,
+                       lift_start=1, num_classes=10, **vit_kwargs)
+    expected = {k[len("base_model."):]: v for k, v in weights.items()
+                if k.startswith("base_model.") and not k.startswith(("base_model.norm.", "base_model.head."))}
+    expected.update({"lift_projs.1.weight": weights["projections.1.weight"],
+                     "lift_norms.1.weight": weights["layer_norms.1.weight"],
+                     "lift_norms.1.bias": weights["layer_norms.1.bias"],
+                     "lift_proj.weight": weights["projections.2.weight"],
+                     "lift_norm.weight": weights["layer_norms.2.weight"],
+                     "lift_norm.bias": weights["layer_norms.2.bias"],
+                     "head.weight": weights["head.weight"], "head.bias": weights["head.bias"]})
+    loaded = model.state_dict()
+    assert set(loaded) == set(expected) and model.pretrained_new_keys == []
+    for key, value in expected.items():
+        assert torch.equal(loaded[key], value), key
+    img = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(img), authors_lift_forward(img, weights, 8, 2, 3), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["widelast", "lift"])
+def test_release_checkpoint_loads_headless_or_with_a_fresh_head(tmp_path, family):
+    """num_classes=0 drops the trained head (as timm's ViTs do); another count re-initialises only the head."""
+    vit_kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2)
+    if family == "widelast":
+        name, kwargs = "deit_tiny_widelast", dict(vit_kwargs, wide_dim=64, wide_heads=4)
+        weights = _random_like(timm.create_model(name, num_classes=10, **kwargs), seed=8)
+        reference = lambda img: authors_widelast_forward(img, weights, 8, [2, 2, 4], pre_logits=True)  # noqa: E731
+    else:
+        name, kwargs = "deit_tiny_lift", dict(vit_kwargs, lift_dim=64)
+        weights = _lift_release_weights(vit_kwargs, {2: 64}, num_classes=10, seed=8)
+        reference = lambda img: authors_lift_forward(img, weights, 8, 2, 3, pre_logits=True)  # noqa: E731
+    path = _deit_style_file(tmp_path, weights, f"{family}.pth")
+    img = torch.randn(2, 3, 32, 32)
+
+    headless = _load_file(name, path, num_classes=0, **kwargs)
+    assert not any(k.startswith("head.") for k in headless.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(headless(img), reference(img), atol=1e-5)
+
+    torch.manual_seed(0)
+    fresh = timm.create_model(name, num_classes=7, **kwargs)
+    torch.manual_seed(0)
+    relabelled = _load_file(name, path, num_classes=7, **kwargs)
+    assert set(relabelled.pretrained_new_keys) == {"head.weight", "head.bias"}
+    assert torch.equal(relabelled.head.weight, fresh.head.weight)  # the fresh init of the same seed
+    with torch.no_grad():
+        assert torch.allclose(relabelled.forward_head(relabelled.forward_features(img), pre_logits=True),
+                              reference(img), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_lift@multi", "deit_tiny_widelast"])
+def test_local_dir_export_loads_headless_or_with_a_fresh_head(tmp_path, name):
+    """The cards' embeddings snippet: create_model('local-dir:EXPORT', pretrained=True, num_classes=0)."""
+    from timm.models import save_for_hf
+
+    kwargs = dict(TINY[name], num_classes=10)
+    model = tiny(name, num_classes=10).eval()
+    save_for_hf(model, str(tmp_path), model_args=kwargs)
+    trained = model.state_dict()
+    img = torch.randn(2, 3, 32, 32)
+
+    headless = timm.create_model(f"local-dir:{tmp_path}", pretrained=True, num_classes=0).eval()
+    assert set(headless.state_dict()) == {k for k in trained if not k.startswith("head.")}
+    for key, value in headless.state_dict().items():
+        assert torch.equal(value, trained[key]), key
+    with torch.no_grad():
+        assert torch.allclose(headless(img), model.forward_head(model.forward_features(img), pre_logits=True))
+
+    relabelled = timm.create_model(f"local-dir:{tmp_path}", pretrained=True, num_classes=3)
+    assert relabelled.head.weight.shape[0] == 3
+    for key, value in relabelled.state_dict().items():
+        if not key.startswith("head."):
+            assert torch.equal(value, trained[key]), key
+
+
 def test_warm_start_from_deit_loads_every_narrow_tensor(tmp_path):
     from safetensors.torch import save_file
 
@@ -393,6 +662,16 @@ def test_warm_start_from_deit_loads_every_narrow_tensor(tmp_path):
     assert set(lift.pretrained_new_keys) == {"lift_proj.weight", "lift_norm.weight", "lift_norm.bias",
                                              "head.weight", "head.bias"}
     assert torch.equal(lift.state_dict()["blocks.2.attn.qkv.weight"], deit_weights["blocks.2.attn.qkv.weight"])
+
+    # Headless warm starts (num_classes=0) load the same narrow tensors and create no head.
+    for name, kwargs in (("deit_tiny_widelast", dict(wide_dim=64, wide_heads=4)),
+                         ("deit_tiny_lift", dict(lift_dim=64, lift_start=1))):
+        headless = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                                     num_classes=0, **kwargs, **vit_kwargs)
+        loaded = headless.state_dict()
+        assert not any(k.startswith("head.") for k in loaded)
+        assert torch.equal(loaded["blocks.1.mlp.fc1.weight"], deit_weights["blocks.1.mlp.fc1.weight"])
+        assert not any(k.startswith("head.") for k in headless.pretrained_new_keys)
 
 
 def test_mismatched_checkpoint_names_the_keys(tmp_path):
@@ -440,12 +719,58 @@ def test_default_tag_loads_the_release_file_from_the_hub_cache(tmp_path):
     torch.save(weights, tmp_path / "expected.pt")
     script = textwrap.dedent(f"""
         import timm, torch, timm_widelast
+        from timm_widelast.errors import UserError
         model = timm.create_model('deit_tiny_widelast', pretrained=True, **{kwargs!r})
         expected = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
         assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
         print('loaded', model.pretrained_cfg['tag'])
+        headless = timm.create_model('deit_tiny_widelast', pretrained=True, num_classes=0, **{kwargs!r})
+        assert all(torch.equal(v, expected[k]) for k, v in headless.state_dict().items())
+        assert not any(k.startswith('head.') for k in headless.state_dict())
+        print('headless ok')
+        # Not in the cache, offline: one clear error naming the local-file overlay.
+        small = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2)
+        for name, extra in (('deit_tiny_lift', dict(lift_dim=64)), ('deit_tiny_widelast.deit_in1k_init', {kwargs!r})):
+            try:
+                timm.create_model(name, pretrained=True, **dict(small, **extra))
+            except UserError as err:
+                assert isinstance(err, RuntimeError)
+                print('offline:', err)
     """)
-    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1")
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "loaded cait_s24_softkd_mse_in1k" in result.stdout
+    assert "loaded cait_s24_softkd_mse_in1k" in result.stdout and "headless ok" in result.stdout
+    offline = [line for line in result.stdout.splitlines() if line.startswith("offline:")]
+    assert len(offline) == 2, result.stdout
+    lift, warm = offline
+    assert "Huiyuancs/Encoding_Mismatch" in lift and "models/Lift/pytorch_model.pth" in lift
+    assert "pretrained_cfg_overlay=dict(file=" in lift and "custom_load=True" in lift
+    assert "HF_HUB_OFFLINE" in lift and "pretrained=False" in lift
+    assert "timm/deit_tiny_patch16_224.fb_in1k" in warm and "model.safetensors" in warm
+    assert "create_model('deit_tiny_widelast.deit_in1k_init', pretrained=True" in warm
+
+
+# ---------------------------------------------------------------------------------------------
+# `timm-widelast models`
+# ---------------------------------------------------------------------------------------------
+
+def test_models_command_applies_kwargs_to_the_family_that_takes_them(capsys):
+    from timm_widelast.cli import main
+
+    assert main(["models", "--model-kwargs", "wide_dim=256"]) == 0  # the command's own help example
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:] if line.startswith("deit_")}
+    # DeiT-Tiny with a 256-wide last block at head dim 64 (4 heads), counted by hand:
+    # DeiT-Tiny - block 11 - norm - head + (192x256 proj_in + its LN) + a 256 block + norm + head.
+    block = lambda d: 12 * d * d + 13 * d  # noqa: E731
+    expected = DEIT_TINY_PARAMS - block(192) - DEIT_TINY_NORM_AND_HEAD + 192 * 256 + 2 * 256 + block(256) \
+        + 2 * 256 + 256 * 1000 + 1000
+    assert rows["deit_tiny_widelast"][1:3] == [f"{expected / 1e6:.3f}", "256"]
+    assert "deit_tiny_lift" not in rows and "skipped (do not take wide_dim): deit_small_lift, deit_tiny_lift" in out
+
+    assert main(["models", "*tiny_lift", "--model-kwargs", "lift_start=9"]) == 0
+    out = capsys.readouterr().out
+    assert "deit_tiny_lift" in out and "widelast" not in out
+    assert main(["models", "--model-kwargs", "not_a_kwarg=1"]) == 2
+    assert "error: no listed model takes all of ['not_a_kwarg']" in capsys.readouterr().err

@@ -127,6 +127,37 @@ def variants(cfg: DemoConfig) -> List[Variant]:
     ]
 
 
+def _splits_into_heads(width: int) -> bool:
+    return width % _heads(width) == 0
+
+
+def check_config(cfg: DemoConfig) -> None:
+    """Refuse a configuration the models cannot be built from, before anything runs or is written."""
+    problems = []
+    for name, value, low in (("--seeds", cfg.seeds, 1), ("--epochs", cfg.epochs, 1), ("--jobs", cfg.jobs, 1),
+                             ("--teacher-epochs", cfg.teacher_epochs, 1), ("--depth", cfg.depth, 1),
+                             ("--batch-size", cfg.batch_size, 1), ("--width", cfg.width, 2),
+                             ("--patch-size", cfg.patch_size, 1), ("--diag-images", cfg.diag_images, 0),
+                             ("--threads", cfg.threads, 0)):
+        if value < low:
+            problems.append(f"{name} {value} must be >= {low}")
+    if cfg.lr <= 0:
+        problems.append(f"--lr {cfg.lr} must be > 0")
+    if problems:
+        raise UserError("; ".join(problems))
+    if cfg.img_size < cfg.patch_size or cfg.img_size % cfg.patch_size:
+        raise UserError(f"--img-size {cfg.img_size} must be a multiple of --patch-size {cfg.patch_size}")
+    # heads = width // 16 (at least 1), for the student and for the 2x-wide teacher and endpoints
+    if not (_splits_into_heads(cfg.width) and _splits_into_heads(2 * cfg.width)):
+        near = [w for w in range(max(2, cfg.width - 16), cfg.width + 17)
+                if _splits_into_heads(w) and _splits_into_heads(2 * w)]
+        near = sorted(near, key=lambda w: (abs(w - cfg.width), w))[:2]
+        bad = cfg.width if not _splits_into_heads(cfg.width) else 2 * cfg.width
+        raise UserError(f"--width {cfg.width}: width {bad} does not split into {_heads(bad)} attention heads "
+                        f"(the demo uses width // 16 heads, for the student and its 2x-wide teacher); "
+                        f"fix: use e.g. --width {' or '.join(map(str, sorted(near)))}")
+
+
 def _kwargs_list(kwargs: Dict[str, Any]) -> List[str]:
     return [f"{k}={v}" for k, v in kwargs.items()]
 
@@ -139,6 +170,7 @@ def _train_args(cfg: DemoConfig, data_dir: Path, out: Path, experiment: str, mod
         output=str(out), experiment=experiment, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr,
         warmup_epochs=min(2, max(epochs - 1, 0)), min_lr=1e-5, weight_decay=0.05, smoothing=0.1, seed=seed,
         workers=0, scale=[0.75, 1.0], hflip=0.0, color_jitter=0.0, checkpoint_keep=1,
+        sched_on_updates=True,  # short runs warm up per update (the trainer's default is per epoch, as the release)
     )
 
 
@@ -209,6 +241,7 @@ def _fmt_mean(values: List[float]) -> str:
 
 def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     """Run the whole study; returns the results dict also written to ``results.json``."""
+    check_config(cfg)
     import torch
 
     from .diagnostics import compare_reports
@@ -336,9 +369,7 @@ def _command(args: argparse.Namespace) -> int:
                      teacher_epochs=args.teacher_epochs if args.teacher_epochs else args.epochs,
                      batch_size=args.batch_size, lr=args.lr, seeds=args.seeds,
                      diag_images=args.diag_images, threads=args.threads, jobs=args.jobs)
-    if cfg.seeds < 1 or cfg.epochs < 1 or cfg.width < 2 or cfg.img_size % cfg.patch_size or cfg.jobs < 1:
-        raise UserError("need --seeds, --epochs, --jobs >= 1, --width >= 2 and --img-size divisible by --patch-size")
-    run_demo(cfg)
+    run_demo(cfg)  # checks cfg before it starts
     return 0
 
 

@@ -4,16 +4,33 @@ No model is rewritten and no second forward is needed: a hook on the tapped modu
 captures its output during the ordinary forward. ``stop_early`` aborts the forward
 right after the tap, for when only the tokens are wanted.
 
+Two ways to hold a tap:
+
+* :class:`TapSet` -- the training path. Hooks are registered **once**, when the set is
+  built, and stay for its life; each :meth:`TapSet.run` arms them, runs the forward and
+  reads the slots they filled. Nothing is registered or removed per step, so a step that
+  goes through a set compiles with ``torch.compile`` without graph breaks.
+* :class:`TokenTap` as a context manager (and :func:`extract_tokens`) -- one-off reads
+  (diagnostics): hooks live for the ``with`` block only.
+
 Default tap, per family:
-* ViT / DeiT / our WideLast: the last of ``blocks``, prefix (class/register) tokens dropped;
+
+* ViT / DeiT / our WideLast: the last of ``blocks``;
 * CaiT: the last self-attention block (``blocks[-1]``, patch tokens only, before class attention);
-* our Lift: the lifted tokens (``lift_norm``), where the paper applies the feature loss;
+* our Lift: the lifted tokens (``lift_norm``), where the paper applies the feature loss; an integer
+  layer on a Lift model with projectors on several blocks taps that block's projected map
+  (``model.lift_tap_name(i)``), and the block itself where it has no projector;
 * Swin and other staged models: the last of ``layers``/``stages`` (NHWC or NCHW maps).
+
+Prefix tokens: every token ahead of the patch grid (class, distillation and register tokens) is
+dropped, so the taps return exactly the ``H*W`` patch tokens. The authors' release drops exactly
+one token for standard ViTs and none for CaiT's self-attention blocks; for those models the two
+agree, and for models with registers or a distillation token ours is the right count.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -21,6 +38,7 @@ from torch import nn
 from .errors import UserError
 
 LayerSpec = Optional[Union[int, str]]
+Grid = Tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -60,14 +78,26 @@ def resolve_tap(model: nn.Module, layer: LayerSpec = None) -> TapSpec:
     if not -count <= index < count:
         raise UserError(f"layer {layer} is out of range: {type(model).__name__} has {count} {seq_name}; "
                         f"fix: use 0..{count - 1} or a negative index")
-    return TapSpec(f"{seq_name}.{index % count}", layout)
+    index %= count
+    # A Lift model projects some blocks' outputs (the last one at least): that projected map is the layer.
+    lift_name = model.lift_tap_name(index) if callable(getattr(model, "lift_tap_name", None)) else None
+    return TapSpec(lift_name or f"{seq_name}.{index}", layout)
+
+
+def layer_list(layers: Union[LayerSpec, Sequence[LayerSpec]]) -> List[LayerSpec]:
+    """One layer spec or a list/tuple of them, as a list (``None`` is the single default layer)."""
+    if isinstance(layers, (list, tuple)):
+        if not layers:
+            raise UserError("an empty layer list was given; fix: name at least one layer (or none for the default)")
+        return list(layers)
+    return [layers]
 
 
 class _StopForward(Exception):
     """Raised from a hook to end a forward pass once the tapped tokens are captured."""
 
 
-def _patch_grid(model: nn.Module, input_hw: Tuple[int, int]) -> Optional[Tuple[int, int]]:
+def _patch_grid(model: nn.Module, input_hw: Tuple[int, int]) -> Optional[Grid]:
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is None:
         return None
@@ -79,7 +109,7 @@ def _patch_grid(model: nn.Module, input_hw: Tuple[int, int]) -> Optional[Tuple[i
 
 
 def to_patch_tokens(output: torch.Tensor, spec: TapSpec, model: nn.Module,
-                    input_hw: Tuple[int, int]) -> Tuple[torch.Tensor, Tuple[int, int]]:
+                    input_hw: Tuple[int, int]) -> Tuple[torch.Tensor, Grid]:
     """Turn a tapped module's output into ``[B, N, D]`` patch tokens and their ``(H, W)`` grid."""
     if isinstance(output, (tuple, list)):
         output = output[0]
@@ -101,11 +131,13 @@ def to_patch_tokens(output: torch.Tensor, spec: TapSpec, model: nn.Module,
 
 
 class TokenTap:
-    """Context manager capturing one module's output as patch tokens during a forward pass.
+    """One module's output captured as patch tokens during a forward pass.
 
-    After ``model(x)`` inside the context, ``tap.tokens`` is ``[B, N, D]`` and ``tap.grid`` is ``(H, W)``.
-    With ``stop_early=True`` use :meth:`run` (or :func:`extract_tokens`): the forward ends at the tap.
-    With ``detach=False`` gradients flow through the captured tokens (for feature losses).
+    As a context manager its hooks live for the ``with`` block: after ``model(x)`` inside it,
+    ``tap.tokens`` is ``[B, N, D]`` and ``tap.grid`` is ``(H, W)``. With ``stop_early=True`` use
+    :meth:`run` (or :func:`extract_tokens`): the forward ends at the tap. With ``detach=False``
+    gradients flow through the captured tokens (for feature losses). For hooks registered once and
+    reused every step, use :class:`TapSet`.
     """
 
     def __init__(self, model: nn.Module, layer: LayerSpec = None, stop_early: bool = False,
@@ -115,8 +147,10 @@ class TokenTap:
         self.module = model.get_submodule(self.spec.module_name)
         self.stop_early = stop_early
         self.detach = detach
+        self.armed = True  # a TapSet disarms its taps between runs, so other forwards skip them
         self.tokens: Optional[torch.Tensor] = None
-        self.grid: Optional[Tuple[int, int]] = None
+        self.grid: Optional[Grid] = None
+        self.group: Sequence[TokenTap] = (self,)  # a stop-early forward ends once all of these are filled
         self._input_hw: Tuple[int, int] = (0, 0)
         self._handles = []
 
@@ -125,21 +159,33 @@ class TokenTap:
             self._input_hw = tuple(args[0].shape[-2:])
 
     def _hook(self, module: nn.Module, args, output) -> None:
+        if not self.armed:
+            return
         tokens, grid = to_patch_tokens(output, self.spec, self.model, self._input_hw)
         self.tokens = tokens.detach() if self.detach else tokens
         self.grid = grid
-        if self.stop_early:
+        if self.stop_early and all(tap.tokens is not None for tap in self.group):
             raise _StopForward
 
-    def __enter__(self) -> "TokenTap":
-        self._handles = [self.model.register_forward_pre_hook(self._pre_hook),
-                         self.module.register_forward_hook(self._hook)]
+    def attach(self, input_size_hook: bool = True) -> "TokenTap":
+        """Register the hooks (once; a second call does nothing)."""
+        if not self._handles:
+            self._handles.append(self.module.register_forward_hook(self._hook))
+            if input_size_hook:
+                self._handles.append(self.model.register_forward_pre_hook(self._pre_hook))
         return self
 
-    def __exit__(self, *exc) -> None:
+    def remove(self) -> None:
+        """Remove the hooks."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    def __enter__(self) -> "TokenTap":
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
     def run(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Forward ``x``; returns the model output, or None when the forward stopped at the tap."""
@@ -147,6 +193,56 @@ class TokenTap:
             return self.model(x)
         except _StopForward:
             return None
+
+
+class TapSet:
+    """Taps on one or more layers of one model, with hooks registered once for the life of the set.
+
+    :meth:`run` is the only thing a training step calls: it arms the taps, runs the model (stopping
+    right after the last tap when asked), disarms them and hands back the tokens, holding no
+    reference to them afterwards. Between runs the hooks return at once, so other forwards of the
+    same model (evaluation, another set) neither pay for them nor disturb them.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[LayerSpec] = (None,), detach: bool = True) -> None:
+        self.model = model
+        self.taps = tuple(TokenTap(model, layer, detach=detach) for layer in layers)
+        for tap in self.taps:
+            tap.group = self.taps
+            tap.armed = False
+            tap.attach(input_size_hook=False)  # run() knows the input size
+
+    @property
+    def module_names(self) -> List[str]:
+        return [tap.spec.module_name for tap in self.taps]
+
+    def run(self, x: torch.Tensor, stop_early: bool = False
+            ) -> Tuple[Optional[torch.Tensor], List[torch.Tensor], List[Grid]]:
+        """``(model output or None if stopped early, tokens per tap, grid per tap)`` for input ``x``."""
+        input_hw = tuple(x.shape[-2:])
+        for tap in self.taps:
+            tap.tokens, tap.armed, tap.stop_early, tap._input_hw = None, True, stop_early, input_hw
+        try:
+            output = self.model(x)
+        except _StopForward:
+            output = None
+        finally:
+            for tap in self.taps:
+                tap.armed = tap.stop_early = False
+        missing = [tap.spec.module_name for tap in self.taps if tap.tokens is None]
+        if missing:
+            raise UserError(f"layer {missing[0]} never ran in the forward pass of {type(self.model).__name__}; "
+                            "fix: choose a layer on the model's main path")
+        tokens = [tap.tokens for tap in self.taps]
+        grids = [tap.grid for tap in self.taps]
+        for tap in self.taps:
+            tap.tokens = None  # the caller owns the tokens now; keep no activations alive between steps
+        return output, tokens, grids
+
+    def remove(self) -> None:
+        """Remove every hook of the set."""
+        for tap in self.taps:
+            tap.remove()
 
 
 def extract_tokens(model: nn.Module, x: torch.Tensor, layer: LayerSpec = None) -> torch.Tensor:

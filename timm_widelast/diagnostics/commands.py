@@ -11,9 +11,14 @@ from ..errors import UserError
 
 EPILOG_SEP = """examples:
   timm-widelast sep cait_s24_224 --images /data/imagenet/val --protocol paper1000 --out reports/cait
-  timm-widelast sep deit_tiny_widelast --checkpoint student.safetensors --images ./imgs --out reports/wl
+  timm-widelast sep deit_tiny_widelast --checkpoint RUN/model.safetensors --images ./imgs --out reports/wl
+  timm-widelast sep deit_small_patch16_224 --layers all --images ./imgs --out reports/deit_s_sweep
+  timm-widelast sep cait_s24_224 --pretrained-file cait_s24.safetensors --images ./imgs --out reports/cait
   timm-widelast sep vit_small_patch16_224 --dataset torch/cifar10 --data-dir ./cifar --out reports/vit
   accelerate launch -m timm_widelast.cli sep ...   (several processes: same numbers, faster)"""
+EPILOG_ADVISE = """The student must reach both the teacher's shared-subspace width (dataset-PCA d) and its
+SEP bandwidth (b_a x D channels); otherwise a fixed linear adapter cannot carry the teacher's
+tokens, and the advice is a teacher-width endpoint (WideLast or Lift)."""
 
 
 def _layer(value: str) -> int | str:
@@ -40,12 +45,19 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--on-bad-image", choices=("skip", "stop"), default="skip",
                      help="unreadable image: skip it with a warning (counted in the report) or stop")
     mod = p.add_argument_group("model")
-    mod.add_argument("--checkpoint", help="weights (.safetensors, or a torch file read with weights_only=True)")
+    mod.add_argument("--checkpoint", help="weights (.safetensors, or a torch file read with weights_only=True), "
+                     "or a run/export folder; the config.json beside them supplies the model kwargs")
+    mod.add_argument("--pretrained-file", metavar="FILE",
+                     help="pretrained weights from a local file instead of the Hub "
+                          "(timm's pretrained_cfg_overlay=dict(file=FILE)); for offline machines")
     mod.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
                      help="load timm's pretrained weights (default: yes unless --checkpoint is given)")
     mod.add_argument("--model-kwargs", nargs="*", default=[], metavar="K=V", help="extra timm.create_model kwargs")
     mod.add_argument("--label", help="name shown in tables and plots (default: the model name)")
     mod.add_argument("--layer", type=_layer, help="block index or module name to tap (default: last token block)")
+    mod.add_argument("--layers", type=_layer, nargs="+", metavar="L",
+                     help="per-layer sweep in one pass: 'all' blocks, or block indices / module names; "
+                          "writes report.md (one row per layer), sweep.json, depth.png and layers/NAME/")
     mod.add_argument("--tokens", choices=("patch", "all"), default="patch",
                      help="patch: drop class/register tokens (paper); all: keep them")
     st = p.add_argument_group("statistics")
@@ -54,8 +66,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     st.add_argument("--centre", action="store_true", help="centre the PCA (covariance instead of second moment)")
     st.add_argument("--sep-mode", choices=("full", "folded"), default="full", help="two-sided (paper) or folded")
     st.add_argument("--sep-levels", type=float, nargs="+", default=[50, 60, 70, 80, 90], help="SEP levels a (%%)")
-    st.add_argument("--permutations", type=int, default=3, help="random channel orders for the SEP robustness check")
-    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--permutations", type=int, default=50,
+                    help="random channel orders for the SEP robustness check (the release's 50; 0 skips it)")
+    st.add_argument("--permutation-seed", type=int, default=2026,
+                    help="numpy default_rng seed of the permutations (the release's 2026)")
+    st.add_argument("--seed", type=int, default=0, help="torch seed for a randomly initialised model")
     ex = p.add_argument_group("execution")
     ex.add_argument("--device", help="torch device (default: the accelerate/CUDA device, else cpu)")
     ex.add_argument("--batch-size", type=int, default=32)
@@ -77,21 +92,28 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--percentile", type=float, default=99)
     c.set_defaults(func=run_compare)
 
-    a = subparsers.add_parser("advise", help="does a student width hold the teacher's shared subspace?")
+    a = subparsers.add_parser("advise", help="does a student width hold the teacher's shared subspace?",
+                              epilog=EPILOG_ADVISE)
     a.add_argument("report", help="the teacher's report folder (or report.json)")
-    a.add_argument("--student-width", type=int, required=True)
+    # read as text and checked in run_advise: a bad value gives one error line, not argparse's usage
+    a.add_argument("--student-width", required=True, metavar="W", help="the student's width (channels)")
     a.add_argument("--energy", type=float, default=0.95, help="energy threshold (one of the report's)")
     a.add_argument("--percentile", type=float, default=99)
+    a.add_argument("--sep-level", type=float, default=90, help="SEP level a (one of the report's), percent")
     a.add_argument("--json", action="store_true", help="print the advice as JSON")
     a.set_defaults(func=run_advise)
 
 
-def _init_processes():
-    """Set up accelerate's process group when launched with several processes."""
+def _init_processes(device: str | None):
+    """Set up accelerate's process group when launched with several processes.
+
+    ``--device cpu`` means CPU processes (gloo), even on a machine with GPUs: otherwise
+    accelerate would put each rank on a GPU of its own, and a 1-GPU machine has only one.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
 
-        return PartialState()
+        return PartialState(cpu=device == "cpu")
     return None
 
 
@@ -101,7 +123,7 @@ def run_sep(args: argparse.Namespace) -> int:
     from ..utils import parse_kwargs
     from .data import ImageFiles, TimmDataset, list_images, paper1000_images
     from .extract import build_model
-    from .report import model_data_config, model_transform, run_report
+    from .report import model_data_config, model_transform, run_report, run_sweep, short_model_name
 
     if bool(args.images) == bool(args.dataset):
         raise UserError("give exactly one image source; fix: pass --images DIR or --dataset NAME")
@@ -109,11 +131,15 @@ def run_sep(args: argparse.Namespace) -> int:
         raise UserError("--protocol paper1000 needs an ImageNet-style folder; fix: pass --images VAL_DIR")
     if args.num_images is not None and args.num_images < 1:
         raise UserError(f"--num-images {args.num_images} must be at least 1; fix: pass a positive number")
-    state = _init_processes()
+    if args.layers is not None and args.layer is not None:
+        raise UserError("--layer and --layers both given; fix: use --layer for one report, --layers for a sweep")
+    if args.pretrained_file and args.checkpoint:
+        raise UserError("--pretrained-file and --checkpoint both given; fix: pass one source of weights")
+    state = _init_processes(args.device)
     kwargs = parse_kwargs(args.model_kwargs)
     # a randomly initialised model must be the same in every process (and every run)
     torch.manual_seed(args.seed)
-    model = build_model(args.model, args.checkpoint, args.pretrained, kwargs)
+    model = build_model(args.model, args.checkpoint, args.pretrained, kwargs, args.pretrained_file)
     transform = model_transform(model)
     if args.images:
         files = paper1000_images(args.images) if args.protocol == "paper1000" else list_images(args.images)
@@ -122,26 +148,39 @@ def run_sep(args: argparse.Namespace) -> int:
     else:
         images = TimmDataset(args.dataset, args.data_dir, args.split, transform)
         source = f"timm dataset {args.dataset} ({args.split})"
-    device = args.device or (state.device if state is not None else None)
-    meta = {"model": {"name": args.model, "label": args.label or args.model, "checkpoint": args.checkpoint,
-                      "pretrained": bool(args.pretrained if args.pretrained is not None else not args.checkpoint),
+    # several processes: each rank on its own device (a bare "cuda" would put them all on cuda:0)
+    device = state.device if state is not None and args.device in (None, "cuda") else args.device
+    meta = {"model": {"name": args.model, "label": args.label or short_model_name(args.model),
+                      "checkpoint": args.checkpoint, "pretrained_file": args.pretrained_file,
+                      "pretrained": bool(args.pretrained_file) or bool(
+                          args.pretrained if args.pretrained is not None else not args.checkpoint),
                       "model_kwargs": kwargs, "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in
                                                                model_data_config(model).items()}},
             "data": {"source": source, "protocol": args.protocol}}
-    report = run_report(model, images, args.out, layer=args.layer, token_policy=args.tokens,
-                        thresholds=args.thresholds, percentiles=args.percentiles, centre=args.centre,
-                        sep_mode=args.sep_mode, sep_levels=args.sep_levels, permutations=args.permutations,
-                        seed=args.seed, batch_size=args.batch_size, num_workers=args.workers, device=device,
-                        dtype=args.dtype, num_images=args.num_images, on_bad_image=args.on_bad_image,
-                        pass2=args.pass2, cache_limit_gb=args.cache_limit_gb, cache_dir=args.cache_dir,
-                        progress=not args.no_progress, plots=not args.no_plots, meta=meta)
+    settings = dict(token_policy=args.tokens, thresholds=args.thresholds, percentiles=args.percentiles,
+                    centre=args.centre, sep_mode=args.sep_mode, sep_levels=args.sep_levels,
+                    permutations=args.permutations, permutation_seed=args.permutation_seed,
+                    batch_size=args.batch_size, num_workers=args.workers, device=device, dtype=args.dtype,
+                    num_images=args.num_images, on_bad_image=args.on_bad_image, pass2=args.pass2,
+                    cache_limit_gb=args.cache_limit_gb, cache_dir=args.cache_dir, progress=not args.no_progress,
+                    plots=not args.no_plots, meta=meta)
+    if args.layers is not None:
+        sweep = run_sweep(model, images, args.out, layers=args.layers, **settings)
+        reports = sweep["reports"]
+    else:
+        reports = [run_report(model, images, args.out, layer=args.layer, **settings)]
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if rank == 0:
         from .report import markdown_tables
 
-        print(markdown_tables([report], args.percentiles[0]))
-        print(f"report written to {args.out} ({report['data']['num_images']} images, "
-              f"{report['data']['num_skipped']} skipped, {report['timing']['seconds']:.1f} s)")
+        if args.layers is not None:
+            print(markdown_tables(reports, args.percentiles[0], row_label=lambda r: r["model"]["tap"],
+                                  first_column="layer"))
+        else:
+            print(markdown_tables(reports, args.percentiles[0]))
+        data = reports[0]["data"]
+        print(f"report written to {args.out} ({data['num_images']} images, {data['num_skipped']} skipped, "
+              f"{len(reports)} layer(s), {reports[0]['timing']['seconds']:.1f} s)")
     return 0
 
 
@@ -159,15 +198,24 @@ def run_advise(args: argparse.Namespace) -> int:
     from .compare import advise_width
     from .report import load_report
 
-    advice = advise_width(load_report(args.report), args.student_width, args.energy, args.percentile)
+    try:
+        width = int(args.student_width)
+    except ValueError:
+        raise UserError(f"--student-width {args.student_width!r} is not a whole number; "
+                        "fix: pass the student's channel count, e.g. --student-width 192") from None
+    advice = advise_width(load_report(args.report), width, args.energy, args.percentile, args.sep_level)
+    for warning in advice["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         json.dump(advice, sys.stdout, indent=1)
         print()
     else:
-        verdict = "fits" if advice["fits"] else "does NOT fit"
-        print(f"{advice['model']}: width {advice['student_width']} {verdict} the shared subspace "
-              f"(PCA d = {advice['pca_d']:g} at {100 * advice['energy']:g}% energy, p{advice['percentile']:g}; "
-              f"per-image SVD rank {advice['svd_rank']:g}; teacher width {advice['teacher_width']})")
+        verdict = "reaches" if advice["fits"] else "does NOT reach"
+        print(f"{advice['model']}: width {advice['student_width']} {verdict} the {advice['minimum_width']} "
+              f"channels the teacher's tokens need (shared subspace {advice['pca_width']}: PCA d = "
+              f"{advice['pca_d']:g} at {100 * advice['energy']:g}% energy, p{advice['percentile']:g}; SEP bandwidth "
+              f"{advice['sep_width']}: b_{advice['sep_level']:g} = {advice['sep_b']:.3f}; teacher width "
+              f"{advice['teacher_width']})")
         rec = {"feature-kd": "plain feature KD", "widelast": "WideLast"}[advice["recommendation"]]
         print(f"recommendation: {rec} at width {advice['recommended_width']}"
               + (f" (alternative: Lift at width {advice['recommended_width']})" if advice["alternative"] else ""))

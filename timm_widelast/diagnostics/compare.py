@@ -13,8 +13,6 @@ from ..errors import UserError
 from ..io import atomic_write
 from .report import load_report, markdown_tables, model_label
 
-HEAD_DIM = 64  # WideLast's wide block uses 64-d heads, so widths are best kept multiples of 64
-
 
 def _check_percentile(percentile: float) -> None:
     if not 0 <= percentile <= 100:
@@ -50,13 +48,21 @@ def compare_reports(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     return summary
 
 
-def advise_width(report: dict, student_width: int, energy: float = 0.95, percentile: float = 99) -> dict:
-    """Can a ``student_width`` endpoint hold the teacher's shared subspace, and what to train instead.
+def advise_width(report: dict, student_width: int, energy: float = 0.95, percentile: float = 99,
+                 sep_level: float = 90) -> dict:
+    """Can a ``student_width`` endpoint carry the teacher's features, and what to train instead.
 
-    The shared subspace needs d = the ``percentile`` over images of the dataset-PCA d at
-    ``energy``. A fixed linear adapter from W channels cannot reproduce more than W of
-    those directions, so W < d means an encoding mismatch: give the student a
-    teacher-width endpoint (WideLast, or Lift's inference-time projector).
+    The paper's diagnosis needs two widths from the teacher's report, and the student
+    must reach both:
+
+    * the shared subspace: the ``percentile`` over images of the dataset-PCA d at ``energy``;
+    * the SEP bandwidth: each token spreads its energy over b_a of the channel-frequency
+      bins (a = ``sep_level``), i.e. over ceil(b_a * D) of the teacher's D channels.
+
+    A student narrower than either cannot reproduce the teacher's tokens through a fixed
+    linear adapter (encoding mismatch): give it a teacher-width endpoint (WideLast, or Lift's
+    inference-time projector). The result always satisfies
+    ``fits == (student_width >= minimum_width)`` and ``minimum_width <= recommended_width``.
     """
     if student_width < 1:
         raise UserError(f"student width {student_width} must be positive; fix: pass e.g. --student-width 192")
@@ -66,29 +72,41 @@ def advise_width(report: dict, student_width: int, energy: float = 0.95, percent
     if not matches:
         raise UserError(f"the report has no energy threshold {energy} (it has {thresholds}); "
                         f"fix: pass --energy from that list, or re-run `timm-widelast sep --thresholds ... {energy}`")
-    j = matches[0]
+    levels = report["sep"]["levels"]
+    level_at = [k for k, a in enumerate(levels) if math.isclose(a, sep_level, abs_tol=1e-9)]
+    if not level_at:
+        raise UserError(f"the report has no SEP level {sep_level:g} (it has {[f'{a:g}' for a in levels]}); "
+                        "fix: pass --sep-level from that list")
+    j, k = matches[0], level_at[0]
     teacher = int(report["model"]["dim"])
     d_pca = float(np.percentile(np.asarray(report["pca"]["required_dims"])[:, j], percentile))
     d_svd = float(np.percentile(np.asarray(report["svd"]["ranks"])[:, j], percentile))
-    need = int(math.ceil(d_pca))
-    min_width = min(teacher, HEAD_DIM * math.ceil(need / HEAD_DIM))
+    b = float(report["sep"]["b"][k])
+    sep_width = int(math.ceil(b * teacher - 1e-9))  # channels a token's energy spreads over
+    pca_width = int(math.ceil(d_pca - 1e-9))
+    need = max(pca_width, sep_width)
     fits = student_width >= need
+    warnings = []
+    if student_width > teacher:
+        warnings.append(f"the student ({student_width}) is wider than the teacher ({teacher}): a feature loss then "
+                        f"pools the student down to {teacher} (as the authors' release does), and endpoints wider "
+                        "than the teacher did worse in the paper's ablation")
+    limit = "the SEP bandwidth" if sep_width >= pca_width else "the shared subspace"
+    basis = (f"shared subspace {pca_width} dims (dataset-PCA d at {100 * energy:g}% energy, p{percentile:g}); "
+             f"SEP bandwidth {sep_width} channels (b_{sep_level:g} = {b:.3f} of D = {teacher})")
     if fits:
-        recommendation = "feature-kd"
-        width = student_width
-        reason = (f"the student's {student_width} channels can hold the teacher's shared subspace "
-                  f"({need} dims at {100 * energy:g}% energy, p{percentile:g}); plain feature KD with a linear "
-                  "adapter is enough")
+        recommendation, width = "feature-kd", student_width
+        reason = (f"{basis}: the student's {student_width} channels reach both, so plain feature KD with a linear "
+                  "adapter can carry the teacher's tokens")
     else:
-        recommendation = "widelast"
-        width = teacher
-        reason = (f"the teacher's shared subspace needs {need} dims at {100 * energy:g}% energy (p{percentile:g}) "
-                  f"but the student has {student_width}: a fixed linear adapter cannot match it (encoding "
-                  f"mismatch). Widen the endpoint to the teacher's width {teacher}: WideLast (last block at "
-                  f"{teacher}; best accuracy in the paper) or Lift (keep a {student_width}->{teacher} projector at "
-                  f"inference; fewer parameters). At least {min_width} is needed; wider than {teacher} hurt in the "
-                  "paper's ablation")
+        recommendation, width = "widelast", teacher
+        reason = (f"{basis}: the student's {student_width} channels fall short of {limit} ({need}), so a fixed "
+                  f"linear adapter cannot reproduce the teacher's tokens (encoding mismatch). Give the student a "
+                  f"teacher-width endpoint: WideLast (last block at {teacher}; best accuracy in the paper) or Lift "
+                  f"(keep a {student_width}->{teacher} projector at inference; fewer parameters)")
     return {"student_width": student_width, "teacher_width": teacher, "energy": energy, "percentile": percentile,
-            "pca_d": d_pca, "svd_rank": d_svd, "fits": fits, "recommendation": recommendation,
-            "alternative": None if fits else "lift", "recommended_width": width, "minimum_width": min_width,
-            "per_image_fits": student_width >= d_svd, "reason": reason, "model": model_label(report)}
+            "sep_level": sep_level, "pca_d": d_pca, "pca_width": pca_width, "sep_b": b, "sep_width": sep_width,
+            "svd_rank": d_svd, "fits": fits, "minimum_width": need, "recommendation": recommendation,
+            "alternative": None if fits else "lift", "recommended_width": width,
+            "per_image_fits": student_width >= d_svd, "warnings": warnings, "reason": reason,
+            "model": model_label(report)}

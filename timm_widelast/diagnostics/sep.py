@@ -19,6 +19,8 @@ from ..errors import UserError
 from .svd import ranks_from_cumulative
 
 DEFAULT_LEVELS = (50, 60, 70, 80, 90)
+PERMUTATION_SEED = 2026  # the release's seed for its channel permutations
+PERMUTATIONS = 50  # the release's count
 SEP_MODES = ("full", "folded")
 
 
@@ -70,8 +72,10 @@ def _mirror_counts(dim: int) -> torch.Tensor:
 class SEPAccumulator:
     """Streaming mean SEP curve over all tokens, plus per-image bandwidths.
 
-    ``permutations`` > 0 adds that many fixed random channel orders (seeded); the
-    spread of b_a across them is the robustness check.
+    ``permutations`` > 0 adds that many random channel orders, drawn as the authors'
+    release draws them: ``numpy.random.default_rng(seed).permutation(D)`` in turn, seed 2026.
+    ``update`` returns each image's d_a in the natural and in every permuted order;
+    :func:`permutation_robustness` turns those into the release's statistic.
 
     Why it is cheap: the mean of per-token cumulative curves equals the cumulative sum
     of the mean *normalised* spectrum, so we only sum |F_k|^2 / sum_k |F_k|^2 over tokens
@@ -80,7 +84,7 @@ class SEPAccumulator:
     """
 
     def __init__(self, dim: int, mode: str = "full", levels: Sequence[float] = DEFAULT_LEVELS,
-                 permutations: int = 0, seed: int = 0):
+                 permutations: int = 0, seed: int = PERMUTATION_SEED):
         if mode not in SEP_MODES:
             raise UserError(f"unknown SEP mode {mode!r}; fix: use one of {', '.join(SEP_MODES)}")
         for a in levels:
@@ -88,16 +92,19 @@ class SEPAccumulator:
                 raise UserError(f"SEP level {a} is outside (0, 100); fix: use percentages such as 50 60 70 80 90")
         if permutations < 0:
             raise UserError(f"permutation count {permutations} is negative; fix: pass --permutations 0 or more")
-        self.dim, self.mode, self.levels = dim, mode, tuple(float(a) for a in levels)
+        self.dim, self.mode, self.levels, self.seed = dim, mode, tuple(float(a) for a in levels), seed
         self.bins = dim if mode == "full" else dim // 2 + 1
         self.counts = _mirror_counts(dim)
         k = torch.arange(dim)
         self.mirror = torch.minimum(k, dim - k)  # two-sided bin k has the energy of one-sided bin min(k, D-k)
-        gen = torch.Generator().manual_seed(seed)
-        self.perms = [torch.randperm(dim, generator=gen) for _ in range(permutations)]
-        # row 0: natural channel order; rows 1..k: the permuted orders (one-sided normalised spectra)
+        rng = np.random.default_rng(seed)
+        self.perms = [torch.from_numpy(rng.permutation(dim)) for _ in range(permutations)]
+        # row 0: natural channel order; rows 1..k: the permuted orders (one-sided normalised spectra).
+        # spec_sum weighs every token alike (our mean curve); image_sum every image alike (the release's).
         self.spec_sum = torch.zeros(1 + len(self.perms), dim // 2 + 1, dtype=torch.float64)
         self.count = torch.zeros((), dtype=torch.float64)
+        self.image_sum = torch.zeros_like(self.spec_sum)
+        self.image_count = torch.zeros((), dtype=torch.float64)
 
     def _to_curve(self, half: torch.Tensor) -> torch.Tensor:
         """Mean normalised one-sided spectra [..., D//2+1] -> SEP curves in percent [..., bins]."""
@@ -113,31 +120,49 @@ class SEPAccumulator:
         return torch.einsum("bn,bnh->bh", weights, half), valid.sum(1)
 
     def update(self, tokens: torch.Tensor) -> np.ndarray:
-        """Add a batch [B, N, D]; returns the per-image bandwidths d_a, int64 [B, len(levels)]."""
+        """Add a batch [B, N, D]; returns per-image d_a, int64 [B, 1 + permutations, len(levels)].
+
+        Column 0 is the natural channel order. An image without a single non-zero token gets d = 0.
+        """
         tokens = tokens.to(torch.float64)  # cast once; the permuted copies reuse it
-        sums, valid = self._normalised_sums(tokens)
-        self.spec_sum[0] += sums.sum(0).cpu()
-        self.count += valid.sum().cpu().to(torch.float64)
-        for row, perm in enumerate(self.perms, start=1):
-            self.spec_sum[row] += self._normalised_sums(tokens[..., perm.to(tokens.device)])[0].sum(0).cpu()
-        per_image = self._to_curve(sums.cpu() / valid.cpu().clamp_min(1).unsqueeze(1).to(torch.float64))
-        return bandwidths(per_image, self.levels)
+        rows = []
+        for row, perm in enumerate([None, *self.perms]):
+            sums, valid = self._normalised_sums(tokens if perm is None else tokens[..., perm.to(tokens.device)])
+            sums, valid = sums.cpu(), valid.cpu().to(torch.float64)
+            per_image = sums / valid.unsqueeze(1)  # mean normalised spectrum of each image (nan: no valid token)
+            has = valid > 0
+            self.spec_sum[row] += sums.sum(0)
+            self.image_sum[row] += per_image[has].sum(0)
+            if row == 0:
+                self.count += valid.sum()
+                self.image_count += has.sum()
+            rows.append(bandwidths(self._to_curve(per_image), self.levels))
+        return np.stack(rows, axis=1)
 
-    def state(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def state(self) -> tuple[torch.Tensor, ...]:
         """The sums to add across processes."""
-        return self.spec_sum, self.count
+        return self.spec_sum, self.count, self.image_sum, self.image_count
 
-    def load_state(self, spec_sum: torch.Tensor, count: torch.Tensor) -> None:
+    def load_state(self, spec_sum: torch.Tensor, count: torch.Tensor, image_sum: torch.Tensor,
+                   image_count: torch.Tensor) -> None:
         self.spec_sum, self.count = spec_sum.to(torch.float64), count.to(torch.float64)
+        self.image_sum, self.image_count = image_sum.to(torch.float64), image_count.to(torch.float64)
 
     def mean_curves(self) -> np.ndarray:
-        """Mean curves [1 + permutations, bins]; row 0 is the natural channel order."""
+        """Mean curves over all tokens [1 + permutations, bins]; row 0 is the natural channel order."""
         if float(self.count) == 0:
             raise ValueError("SEPAccumulator has seen no token with non-zero energy")
         return self._to_curve(self.spec_sum / self.count).numpy()
 
-    def result(self) -> dict:
-        """Mean curve, d_a, b_a, and the permutation spread of b_a."""
+    def image_mean_curves(self) -> np.ndarray:
+        """Mean over images of the per-image curves [1 + permutations, bins] (the release's mean curve)."""
+        if float(self.image_count) == 0:
+            raise ValueError("SEPAccumulator has seen no token with non-zero energy")
+        return self._to_curve(self.image_sum / self.image_count).numpy()
+
+    def result(self, per_image_d: Optional[np.ndarray] = None) -> dict:
+        """Mean curve, d_a, b_a; with permutations, their spread and (given every image's
+        ``update`` output, in any order) the release's robustness statistics."""
         curves = self.mean_curves()
         d = bandwidths(curves, self.levels)
         b = d / self.bins
@@ -148,23 +173,50 @@ class SEPAccumulator:
         }
         if self.perms:
             out["permutations"] = {
-                "count": len(self.perms),
-                "mean_curves": curves[1:].tolist(),
+                "count": len(self.perms), "seed": self.seed, "generator": "numpy.random.default_rng(seed).permutation",
                 "b": b[1:].tolist(),
                 "b_min": b[1:].min(0).tolist(), "b_max": b[1:].max(0).tolist(),
                 "b_std": b[1:].std(0).tolist(),
             }
+            if per_image_d is not None:
+                out["permutations"]["per_image"] = permutation_robustness(
+                    per_image_d, self.bins, self.image_mean_curves())
         return out
 
 
+def permutation_robustness(per_image_d: np.ndarray, bins: int, image_mean_curves: np.ndarray) -> dict:
+    """The release's permutation statistics from per-image d_a [n, 1 + P, A] (column 0: natural order).
+
+    Statistic: the mean over images of the per-image b_a = d_a / bins. Per permutation p,
+    delta_p = mean_images(b under p) - mean_images(b natural); curve_l1_p = mean over bins of
+    |mean curve under p - natural mean curve| / 100, the mean curves being means over images.
+    Spreads over permutations are population std (ddof 0) and numpy percentiles 5 / 95.
+    """
+    d = np.asarray(per_image_d, dtype=np.float64)
+    d = d[(d > 0).all(axis=(1, 2))]  # images with no non-zero token have no bandwidth
+    b = d / bins
+    natural = b[:, 0].mean(0)
+    per_perm = b[:, 1:].mean(0)  # [P, A]
+    delta = per_perm - natural
+    l1 = np.abs(image_mean_curves[1:] - image_mean_curves[0]).mean(-1) / 100.0
+    return {
+        "statistic": "mean over images of per-image b_a",
+        "natural_mean": natural.tolist(), "natural_std_over_images": b[:, 0].std(0).tolist(),
+        "b_mean": per_perm.tolist(),
+        "permuted_mean": per_perm.mean(0).tolist(), "permuted_std": per_perm.std(0).tolist(),
+        "delta_mean": delta.mean(0).tolist(), "delta_std": delta.std(0).tolist(),
+        "delta_p05": np.percentile(delta, 5, axis=0).tolist(), "delta_p95": np.percentile(delta, 95, axis=0).tolist(),
+        "curve_l1": l1.tolist(), "curve_l1_mean": float(l1.mean()), "curve_l1_std": float(l1.std()),
+    }
+
+
 def sep_bandwidths(tokens: torch.Tensor | np.ndarray, mode: str = "full", levels: Sequence[float] = DEFAULT_LEVELS,
-                   permutations: int = 0, seed: int = 0, batch_size: Optional[int] = None) -> dict:
-    """In-memory convenience: SEP result for tokens [B, N, D] (or [N, D])."""
+                   permutations: int = 0, seed: int = PERMUTATION_SEED, batch_size: Optional[int] = None) -> dict:
+    """In-memory convenience: SEP result for tokens [B, N, D] (or [N, D]), one row per image."""
     tokens = torch.as_tensor(tokens)
     if tokens.dim() == 2:
         tokens = tokens.unsqueeze(0)
     acc = SEPAccumulator(tokens.shape[-1], mode, levels, permutations, seed)
     step = batch_size or tokens.shape[0]
-    for start in range(0, tokens.shape[0], step):
-        acc.update(tokens[start: start + step])
-    return acc.result()
+    per_image = [acc.update(tokens[start: start + step]) for start in range(0, tokens.shape[0], step)]
+    return acc.result(np.concatenate(per_image))

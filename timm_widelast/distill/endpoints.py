@@ -3,11 +3,15 @@
 Width modes (``--width-align``):
 
 * ``none``   -- widths must match (Lift/WideLast at teacher width): nothing is created;
-* ``pool``   -- the paper's naive mode: the teacher map is average-pooled along channels
-  down to the student's width (no parameters);
+* ``pool``   -- the paper's naive mode: the wider map is average-pooled along channels down to
+  the narrower width (no parameters). Usually that is the teacher; a student wider than its
+  teacher (e.g. Lift with ``lift_dim=448`` against a 384-wide teacher) is pooled down to the
+  teacher's width instead, as the authors' release does (adaptive average pooling along
+  channels in both cases, the same windows as its ``adaptive_avg_pool3d(F, (C, None, None))``);
 * ``linear`` -- classic FitNet: a training-only ``Linear(student -> teacher)`` on the student
   tokens. It trains with the student but is never part of the exported student;
-* ``auto``   -- ``none`` when widths match, else ``pool`` (what the paper's naive rows do).
+* ``auto``   -- ``none`` when widths match, else ``pool`` (what the paper's naive rows and the
+  release do).
 
 Grid: when the token grids differ, the teacher grid is resized (bilinear) to the student's.
 """
@@ -34,9 +38,6 @@ def resolve_width_mode(mode: str, student_dim: int, teacher_dim: int) -> str:
     if mode == "none" and student_dim != teacher_dim:
         raise UserError(f"student endpoint has {student_dim} channels and the teacher's {teacher_dim}; "
                         "use --width-align pool or linear (or a student at teacher width)")
-    if mode == "pool" and teacher_dim < student_dim:
-        raise UserError(f"--width-align pool shrinks the teacher ({teacher_dim}) to the student's width "
-                        f"({student_dim}), but the student is wider; use --width-align linear")
     return mode
 
 
@@ -76,7 +77,9 @@ class EndpointAligner(nn.Module):
     def forward(self, student: torch.Tensor, student_grid: Tuple[int, int], teacher: torch.Tensor,
                 teacher_grid: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
         teacher = resize_grid(teacher, teacher_grid, student_grid)
-        if self.mode == "pool":
+        if self.mode == "pool" and self.student_dim > self.teacher_dim:
+            student = channel_avg_pool(student, self.teacher_dim)  # a wider student is pooled down, as released
+        elif self.mode == "pool":
             teacher = channel_avg_pool(teacher, self.student_dim)
         elif self.projector is not None:
             student = self.projector(student)

@@ -1,4 +1,4 @@
-"""The paper's loss terms: soft KD (KL, batchmean x tau^2) and endpoint feature losses (MSE, SpectralKD).
+"""The paper's loss terms: soft KD (KL, batchmean x tau^2), hard KD, and feature losses (MSE, SpectralKD).
 
 Feature losses take patch tokens ``[B, N, C]`` plus their ``(H, W)`` grid, because
 SpectralKD needs the spatial layout ``[B, C, H, W]`` for its 2-D FFT over space.
@@ -22,6 +22,11 @@ def soft_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tem
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature ** 2
+
+
+def hard_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """DeiT's hard distillation: cross-entropy to the teacher's argmax class (no temperature)."""
+    return F.cross_entropy(student_logits.float(), teacher_logits.argmax(dim=-1))
 
 
 def tokens_to_map(tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:

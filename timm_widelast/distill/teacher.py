@@ -2,12 +2,15 @@
 
 The teacher is kept out of anything trainable: parameters have ``requires_grad=False``, it stays
 in eval mode, runs under ``torch.no_grad()``, and training loops must not hand it to
-``accelerator.prepare`` (that would write it into every checkpoint).
+``accelerator.prepare`` (that would write it into every checkpoint). Its taps are registered once
+(:class:`timm_widelast.taps.TapSet`), so :meth:`FrozenTeacher.compile` gives one graph per call
+signature, with static shapes.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -16,7 +19,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..models._checkpoints import CheckpointMismatchError, load_release_checkpoint
-from ..taps import LayerSpec, TokenTap, resolve_tap
+from ..taps import Grid, LayerSpec, TapSet, layer_list, resolve_tap
 
 
 def model_input_size(model: nn.Module) -> Tuple[int, int]:
@@ -28,6 +31,38 @@ def model_input_size(model: nn.Module) -> Tuple[int, int]:
     return tuple(size[-2:])
 
 
+def _hub_offline() -> bool:
+    """Offline mode as the hub sees it, or as the environment asks for it now."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
+    return bool(constants.HF_HUB_OFFLINE) or flag in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_weights_cached(name: str) -> Optional[bool]:
+    """Whether ``name``'s pretrained weights are in the local hub cache (None: they do not come from the hub)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except (RuntimeError, ValueError):  # an unknown tag: timm.create_model gives the better message
+        return None
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not hub_id:
+        return None
+    repo_id, _, revision = hub_id.partition("@")
+    names = [cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else []
+    names += ["model.safetensors", "pytorch_model.bin"]
+    return any(isinstance(try_to_load_from_cache(repo_id, filename, revision=revision or None), str)
+               for filename in names)
+
+
+def _no_weights_error(name: str, why: str) -> UserError:
+    return UserError(f"cannot get pretrained weights for teacher {name!r}: {why}; fix: pass --kd-checkpoint "
+                     "(a weights file or an exported folder), or --kd-no-pretrained for a random teacher, "
+                     "or fetch the weights once with network access")
+
+
 def create_teacher_model(name: Optional[str], kwargs: Optional[Dict[str, Any]] = None,
                          checkpoint: Optional[str] = None, pretrained: bool = True) -> nn.Module:
     """Create the teacher with ``timm.create_model``; weights from ``checkpoint`` when given.
@@ -35,6 +70,8 @@ def create_teacher_model(name: Optional[str], kwargs: Optional[Dict[str, Any]] =
     ``checkpoint`` may be a weights file (``.safetensors``, or ``.pth`` read with ``weights_only=True``)
     or an exported folder holding ``config.json`` + ``model.safetensors`` (then ``name`` may be None).
     ``num_classes`` is never forced onto the teacher: timm would silently reset its head.
+    Pretrained weights that cannot be had (offline and not cached, or the hub unreachable) are a
+    :class:`UserError` naming ``--kd-checkpoint`` / ``--kd-no-pretrained``; offline it fails at once.
     """
     kwargs = dict(kwargs or {})
     if checkpoint and Path(checkpoint).is_dir():
@@ -49,10 +86,18 @@ def create_teacher_model(name: Optional[str], kwargs: Optional[Dict[str, Any]] =
     if not timm.is_model(name):
         raise UserError(f"unknown teacher model {name!r} (see timm.list_models(); "
                         "our students need `import timm_widelast`, already done here)")
+    from_hub = pretrained and not checkpoint
+    overridden = "pretrained_cfg" in kwargs or "pretrained_cfg_overlay" in kwargs  # weights may not come from the hub
+    if from_hub and not overridden and _hub_offline() and _hub_weights_cached(name) is False:
+        raise _no_weights_error(name, "the Hugging Face Hub is offline (HF_HUB_OFFLINE) and they are not cached")
     try:
-        model = timm.create_model(name, pretrained=pretrained and not checkpoint, **kwargs)
+        model = timm.create_model(name, pretrained=from_hub, **kwargs)
     except TypeError as err:
         raise UserError(f"bad --kd-model-kwargs for {name}: {err}") from err
+    except OSError as err:  # the hub's errors (offline, not found, HTTP) and network errors are all OSErrors
+        if not from_hub:
+            raise
+        raise _no_weights_error(name, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
     if checkpoint:
         try:
             state_dict = load_release_checkpoint(checkpoint)
@@ -73,10 +118,11 @@ class FrozenTeacher(nn.Module):
     """A frozen teacher that returns ``(logits or None, endpoint tokens or None, grid)`` for student inputs.
 
     Inputs arrive normalized for the student; they are converted to the teacher's mean/std and
-    resized to the teacher's own input size when it differs.
+    resized to the teacher's own input size when it differs. Tokens are read by taps registered
+    once per layer list (:meth:`tap_set`); without logits the forward stops at the last tap.
     """
 
-    def __init__(self, model: nn.Module, layer: LayerSpec = None,
+    def __init__(self, model: nn.Module, layer: Union[LayerSpec, Sequence[LayerSpec]] = None,
                  student_mean: Sequence[float] = (0.485, 0.456, 0.406),
                  student_std: Sequence[float] = (0.229, 0.224, 0.225),
                  need_logits: bool = True, need_tokens: bool = True) -> None:
@@ -89,7 +135,8 @@ class FrozenTeacher(nn.Module):
         self.need_logits = need_logits
         self.need_tokens = need_tokens
         if need_tokens:
-            resolve_tap(model, layer)  # fails early on a layer the teacher lacks
+            for spec in layer_list(layer):
+                resolve_tap(model, spec)  # fails early on a layer the teacher lacks
         cfg = getattr(model, "pretrained_cfg", None) or {}
         mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), dtype=torch.float32).view(1, -1, 1, 1)
         std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), dtype=torch.float32).view(1, -1, 1, 1)
@@ -101,6 +148,10 @@ class FrozenTeacher(nn.Module):
         self.same_norm = bool(torch.equal(mean, s_mean) and torch.equal(std, s_std))
         self.input_size = model_input_size(model)
         self.dynamic_size = bool(getattr(model, "dynamic_img_size", False))
+        self.weights_dtype: Optional[torch.dtype] = None
+        self._tap_sets: Dict[Tuple[LayerSpec, ...], TapSet] = {}
+        self._compiled = None
+        self._cuda_graphs = False
 
     @property
     def num_classes(self) -> int:
@@ -110,6 +161,16 @@ class FrozenTeacher(nn.Module):
         """The teacher never leaves eval mode (dropout/drop-path off, norms frozen)."""
         return super().train(False)
 
+    def hold_weights_in(self, dtype: torch.dtype) -> "FrozenTeacher":
+        """Cast the frozen weights to ``dtype`` once (e.g. bf16), so autocast has no per-op weight casts.
+
+        Inputs are cast to ``dtype`` after preprocessing; outputs come out in ``dtype``. float32 restores
+        full-precision compute only for weights still exact in float32 (the cast is not undone).
+        """
+        self.model.to(dtype)
+        self.weights_dtype = None if dtype == torch.float32 else dtype
+        return self
+
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """Student-normalized batch -> teacher-normalized batch at the teacher's input size."""
         if not self.same_norm:
@@ -118,21 +179,64 @@ class FrozenTeacher(nn.Module):
             x = F.interpolate(x, size=self.input_size, mode="bicubic", align_corners=False, antialias=True)
         return x
 
+    def tap_set(self, layers: Sequence[LayerSpec]) -> TapSet:
+        """The taps for ``layers``, registered on the first request and reused ever after."""
+        key = tuple(layers)
+        taps = self._tap_sets.get(key)
+        if taps is None:
+            taps = self._tap_sets[key] = TapSet(self.model, key)
+        return taps
+
+    def compile(self, backend: str = "inductor", mode: Optional[str] = None, **compile_kwargs) -> "FrozenTeacher":
+        """Compile the teacher's endpoint forward on its own: no grad, static shapes.
+
+        ``mode="reduce-overhead"`` (CUDA graphs) pays off for a frozen forward of fixed shape; its
+        outputs are copied out of the graph's buffers before the next step replays it.
+        """
+        compile_kwargs = dict(compile_kwargs, dynamic=False)
+        self._compiled = torch.compile(self._endpoints, backend=backend, mode=mode, **compile_kwargs)
+        self._cuda_graphs = mode in ("reduce-overhead", "max-autotune") or bool(
+            (compile_kwargs.get("options") or {}).get("triton.cudagraphs"))
+        return self
+
     @torch.no_grad()
+    def _endpoints(self, x: torch.Tensor, taps: Optional[TapSet], need_logits: bool
+                   ) -> Tuple[Optional[torch.Tensor], List[torch.Tensor], List[Grid]]:
+        x = self.preprocess(x)
+        if self.weights_dtype is not None:
+            x = x.to(self.weights_dtype)
+        if taps is None:
+            return self.model(x), [], []
+        # Without soft KD the forward stops at the last tap: CaiT's class-attention blocks and the head are skipped.
+        return taps.run(x, stop_early=not need_logits)
+
+    def endpoints(self, x: torch.Tensor, layers: Sequence[LayerSpec] = (), need_logits: bool = True
+                  ) -> Tuple[Optional[torch.Tensor], List[torch.Tensor], List[Grid]]:
+        """``(logits or None, tokens per layer, grid per layer)``; no layers means logits only."""
+        taps = self.tap_set(layers) if layers else None  # set up eagerly, outside any compiled region
+        if self._compiled is None:
+            return self._endpoints(x, taps, need_logits)
+        if self._cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        logits, tokens, grids = self._compiled(x, taps, need_logits)
+        if self._cuda_graphs:  # the next replay overwrites the graph's output buffers
+            logits = None if logits is None else logits.clone()
+            tokens = [t.clone() for t in tokens]
+        return logits, tokens, grids
+
     def forward(self, x: torch.Tensor, need_logits: Optional[bool] = None, need_tokens: Optional[bool] = None,
-                layer: LayerSpec = None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor],
-                                                  Optional[Tuple[int, int]]]:
-        """``(logits, tokens, grid)``; per-call flags override the defaults so one teacher can serve many tasks."""
+                layer: Union[LayerSpec, Sequence[LayerSpec]] = None
+                ) -> Tuple[Optional[torch.Tensor], Any, Any]:
+        """``(logits, tokens, grid)``; per-call flags override the defaults so one teacher can serve many tasks.
+
+        With a list of layers, tokens and grids are lists (one per layer).
+        """
         need_logits = self.need_logits if need_logits is None else need_logits
         need_tokens = self.need_tokens if need_tokens is None else need_tokens
         layer = self.layer if layer is None else layer
-        x = self.preprocess(x)
         if not need_tokens:
-            return self.model(x), None, None
-        # Without soft KD the forward stops at the tap: CaiT's class-attention blocks and the head are skipped.
-        with TokenTap(self.model, layer, stop_early=not need_logits) as tap:
-            logits = tap.run(x)
-        if tap.tokens is None:
-            raise UserError(f"teacher layer {tap.spec.module_name} never ran in the forward pass; choose another "
-                            "--kd-layer")
-        return logits, tap.tokens, tap.grid
+            return self.endpoints(x, (), True)[0], None, None
+        logits, tokens, grids = self.endpoints(x, layer_list(layer), need_logits)
+        if isinstance(layer, (list, tuple)):
+            return logits, tokens, grids
+        return logits, tokens[0], grids[0]

@@ -18,25 +18,32 @@ import argparse
 import csv
 import importlib.util
 import io
-import json
 import math
 import os
-from collections import defaultdict
+import sys
+import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
 import yaml
-from torch.utils.data import DataLoader
 
 import timm_widelast  # noqa: F401  (registers our students in timm's factory)
 
 from ..errors import UserError
 from ..io import atomic_write
 from ..utils import parse_kwargs
-from .checkpoints import CHECKPOINT_DIR, META_FILE, find_resume_checkpoint, list_checkpoints, save_checkpoint
-from .data import SeededAugDataset, count_classes, create_datasets
+from .checkpoints import (
+    CHECKPOINT_DIR,
+    check_fsdp_setup,
+    find_resume_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .data import build_loaders, count_classes, create_datasets
+from .ema import create_student_ema, sync_ema, update_ema
 from .endpoints import WIDTH_ALIGN_MODES
 from .losses import FEATURE_LOSSES
 from .task import EndpointDistillationTask, check_weights
@@ -55,6 +62,30 @@ class NonFiniteLossError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------------
+def available_cores() -> int:
+    """CPU cores this process may run on (a container or taskset may allow fewer than the machine has)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def layer_spec(value: str) -> Union[int, str]:
+    """A tap: a block index (``9``, ``-1``) or a module name (``blocks.9``)."""
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def single_or_list(values: Optional[Sequence[Union[int, str]]]) -> Union[None, int, str, List[Union[int, str]]]:
+    """One tap as itself, several as a list (the task pairs list items by position)."""
+    if values is None or isinstance(values, (int, str)):
+        return values
+    values = list(values)
+    return values[0] if len(values) == 1 else values
+
+
 def build_parser() -> argparse.ArgumentParser:
     """timm ``train.py`` flag names where the concept exists; ours for the feature loss and checkpointing."""
     p = argparse.ArgumentParser(description="Endpoint-feature distillation (Lift/WideLast) on Accelerate",
@@ -63,11 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=None, help="dataset root (ImageFolder: train/ and validation|val/)")
     g.add_argument("--dataset", default="", help="timm dataset type ('' = ImageFolder/tar, 'torch/cifar10', ...)")
-    g.add_argument("--train-split", default="train")
-    g.add_argument("--val-split", default="validation")
+    g.add_argument("--train-split", default="train", help="folder under --data-dir holding the training images")
+    g.add_argument("--val-split", default="validation",
+                   help="folder under --data-dir for evaluation ('validation' also finds val/; '' = no evaluation)")
     g.add_argument("--dataset-download", action="store_true", default=False)
-    g.add_argument("-j", "--workers", type=int, default=4)
-    g.add_argument("--pin-mem", action="store_true", default=False)
+    g.add_argument("-j", "--workers", type=int, default=min(4, available_cores()),
+                   help="loader processes (default: 4, capped at the cores this process may use)")
+    g.add_argument("--pin-mem", action=argparse.BooleanOptionalAction, default=None,
+                   help="pinned loader memory (None: on with CUDA)")
+    g.add_argument("--no-prefetcher", action="store_true", default=False,
+                   help="CUDA: normalise and erase in the workers (float batches) instead of on the GPU (uint8)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="deit_tiny_widelast")
     g.add_argument("--pretrained", action="store_true", default=False)
@@ -90,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cpu", action="store_true", default=False, help="force CPU even with a GPU")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--find-unused-parameters", action="store_true", default=False)
+    g.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the step (student and frozen teacher); no value = inductor")
+    g.add_argument("--torchcompile-mode", default=None, metavar="MODE",
+                   help="torch.compile mode, e.g. max-autotune or reduce-overhead")
     g = p.add_argument_group("optimizer / schedule")
     g.add_argument("--opt", default="adamw")
     g.add_argument("--opt-eps", type=float, default=None)
@@ -97,7 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--clip-grad", type=float, default=None)
-    g.add_argument("--lr", type=float, default=5e-4)
+    g.add_argument("--lr", type=float, default=None,
+                   help="learning rate; default: --lr-base scaled by the global batch (timm train.py)")
+    g.add_argument("--lr-base", type=float, default=5e-4, help="lr at --lr-base-size global batch")
+    g.add_argument("--lr-base-size", type=int, default=512)
+    g.add_argument("--lr-base-scale", default="", choices=["", "linear", "sqrt"],
+                   help="'' = timm's rule: sqrt for adaptive optimizers (ada*, lamb), else linear")
     g.add_argument("--sched", default="cosine")
     g.add_argument("--epochs", type=int, default=300)
     g.add_argument("--warmup-epochs", type=float, default=5)
@@ -106,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cooldown-epochs", type=int, default=0)
     g.add_argument("--decay-epochs", type=float, default=90)
     g.add_argument("--decay-rate", type=float, default=0.1)
+    g.add_argument("--sched-on-updates", action="store_true", default=False,
+                   help="step the schedule every optimizer update (default: once per epoch, as the release)")
     g = p.add_argument_group("augmentation / regularization")
     g.add_argument("--smoothing", type=float, default=0.1)
     g.add_argument("--mixup", type=float, default=0.0)
@@ -138,8 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--task-loss-weight", type=float, default=None, help="CE weight (default 1 - a)")
     g.add_argument("--feat-loss", default="none", choices=FEATURE_LOSSES)
     g.add_argument("--feat-weight", type=float, default=0.2, help="l_feat")
-    g.add_argument("--kd-layer", default=None, help="teacher tap (block index or module name; default: endpoint)")
-    g.add_argument("--student-layer", default=None, help="student tap (default: Lift/WideLast endpoint)")
+    g.add_argument("--distillation-type", default="soft", choices=["soft", "hard"],
+                   help="soft: KL to the teacher's softened logits; hard: CE to the teacher's argmax")
+    g.add_argument("--kd-layer", nargs="+", default=None, type=layer_spec,
+                   help="teacher taps (block indices or module names, paired with --student-layer; "
+                        "default: endpoint)")
+    g.add_argument("--student-layer", nargs="+", default=None, type=layer_spec,
+                   help="student taps (default: Lift/WideLast endpoint); several = loss averaged over pairs")
+    g.add_argument("--kd-weights-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="hold the frozen teacher's weights in this dtype (bfloat16: no per-op casts under bf16)")
     g.add_argument("--width-align", default="auto", choices=WIDTH_ALIGN_MODES)
     g = p.add_argument_group("output / checkpoints / logging")
     g.add_argument("--output", default="output/train")
@@ -261,6 +315,275 @@ def resolve_trackers(args: argparse.Namespace) -> List[str]:
     return sorted(set(trackers))
 
 
+def check_output_dir(run_dir: Path) -> None:
+    """Refuse an output path that cannot hold a run folder, before any work is done or anything written."""
+    path = run_dir
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir():
+        raise UserError(f"--output: {path} is a file, not a folder; fix: pass a folder path to --output")
+    if not os.access(path, os.W_OK):
+        raise UserError(f"--output: cannot write into {path} (read-only filesystem or no permission); "
+                        f"fix: pass a writable folder to --output")
+
+
+def disk_nearly_full(path: Union[str, Path], margin: int = 64 << 20) -> bool:
+    """Whether the filesystem holding ``path`` (or its nearest existing parent) has less than ``margin`` free."""
+    import shutil
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free < margin
+
+
+def write_error(err: OSError, output: Union[str, Path]) -> Exception:
+    """Turn an OS error while writing outputs into one clear UserError line (other errors pass unchanged)."""
+    import errno
+    where = err.filename or output
+    if err.errno == errno.ENOSPC:
+        return UserError(f"no space left on the device writing {where}; free some space, or pass another "
+                         f"--output, then --resume auto (the last complete checkpoint is kept)")
+    if not Path(os.path.abspath(str(where))).is_relative_to(Path(output).absolute()):
+        return err  # e.g. an unreadable image: not a problem with --output
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return UserError(f"cannot write {where} ({os.strerror(err.errno)}); fix: pass a writable folder to --output")
+    if err.errno in (errno.ENOTDIR, errno.EEXIST) and where:
+        return UserError(f"cannot create the run folder at {where}: a file is in the way; fix: pass a folder "
+                         f"path to --output")
+    return err
+
+
+def warn_if_fewer_processes(accelerator) -> None:
+    """Say so when a launcher asked for several processes but this run has fewer.
+
+    ``accelerate launch --cpu --num_processes 2`` starts one process (it sets MASTER_PORT but no
+    WORLD_SIZE), and ``--multi_gpu`` without ``ACCELERATE_USE_CPU=1`` on a CPU box starts processes
+    that do not know each other (WORLD_SIZE=2, each one a world of 1).
+    """
+    world = os.environ.get("WORLD_SIZE")
+    launched_by_accelerate = "ACCELERATE_DYNAMO_BACKEND" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ
+    asked = int(world) if world and world.isdigit() else None
+    if asked is None and launched_by_accelerate and "MASTER_PORT" in os.environ:
+        asked = 2  # several were asked for (MASTER_PORT is set only then); the exact count is not passed on
+    if asked is not None and asked > accelerator.num_processes and accelerator.is_local_main_process:
+        print(f"warning: the launcher asked for {'several' if world is None else asked} processes but this run has "
+              f"{accelerator.num_processes}; on a CPU use `torchrun --nproc_per_node N` or "
+              f"`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N` "
+              f"(`accelerate launch --cpu --num_processes N` starts one process)", file=sys.stderr)
+
+
+def resolve_lr(args: argparse.Namespace, num_processes: int) -> float:
+    """timm train.py's rule: ``--lr`` when given, else ``--lr-base`` scaled by the global batch.
+
+    Global batch = batch per process x processes x grad-accum steps; the ratio to ``--lr-base-size`` is
+    used as is (``linear``) or square-rooted (``sqrt``; timm's default for ada*/lamb optimizers).
+    The release: 5e-4 x global batch / 512, i.e. ``lr_base_scale: linear`` in the packaged configs.
+    """
+    if args.lr:
+        return args.lr
+    global_batch = args.batch_size * num_processes * args.grad_accum_steps
+    ratio = global_batch / args.lr_base_size
+    scale = args.lr_base_scale or ("sqrt" if any(o in args.opt.lower() for o in ("ada", "lamb")) else "linear")
+    return args.lr_base * (ratio ** 0.5 if scale == "sqrt" else ratio)
+
+
+def create_schedule(args: argparse.Namespace, optimizer, updates_per_epoch: int):
+    """timm scheduler stepped per epoch (default) or per optimizer update (``--sched-on-updates``)."""
+    from timm.scheduler import create_scheduler_v2
+    return create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.warmup_lr, min_lr=args.min_lr, cooldown_epochs=args.cooldown_epochs,
+        decay_epochs=args.decay_epochs, decay_rate=args.decay_rate, step_on_epochs=not args.sched_on_updates,
+        updates_per_epoch=updates_per_epoch)
+
+
+def step_schedule_at_epoch_end(scheduler, epoch: int) -> None:
+    """After epoch ``epoch`` (0-based): ``scheduler.step(epoch)``, as DeiT and the authors' release do.
+
+    So epoch e > 0 trains at the schedule's value for e - 1, and epochs 0 and 1 both at ``--warmup-lr``
+    (timm's train.py calls ``step(epoch + 1)``, one epoch ahead). Per-update schedules ignore this call.
+    """
+    if scheduler is not None:
+        scheduler.step(epoch)
+
+
+def create_teacher_same_on_every_rank(args: argparse.Namespace) -> torch.nn.Module:
+    """The teacher model, created under one seed shared by all ranks.
+
+    Pretrained or checkpoint weights overwrite the init anyway; a randomly initialised teacher
+    (``--kd-no-pretrained`` without ``--kd-checkpoint``) would otherwise differ per rank, since the
+    global RNG is seeded per rank for augmentation. The global RNG is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        return create_teacher_model(args.kd_model_name, parse_kwargs(args.kd_model_kwargs), args.kd_checkpoint,
+                                    pretrained=args.kd_pretrained)
+
+
+# settings that shape the checkpointed state: changing them makes a resume fail or mean something else
+RESUME_SETTINGS = ("model", "model_kwargs", "num_classes", "img_size", "input_size", "model_ema", "opt", "sched",
+                   "sched_on_updates", "kd_model_name", "kd_model_kwargs", "feat_loss", "width_align",
+                   "student_layer", "kd_layer", "distillation_type")
+
+
+def load_run_args(run_dir: Path) -> Optional[Dict[str, Any]]:
+    """The ``args.yaml`` a run folder was started with (None when it has none)."""
+    path = run_dir / "args.yaml"
+    if not path.is_file():
+        return None
+    saved = yaml.safe_load(path.read_text())
+    return saved if isinstance(saved, dict) else None
+
+
+def check_resume_compatible(saved_args: Optional[Dict[str, Any]], args: argparse.Namespace) -> None:
+    """Refuse a resume whose state-shaping settings differ from the run's ``args.yaml``; name each one."""
+    if not saved_args:
+        return
+
+    def norm(key: str, value: Any) -> Any:
+        if key.endswith("model_kwargs"):
+            return parse_kwargs(value or [])
+        if key.endswith("_layer"):  # 9, "9" and [9] are the same tap
+            value = single_or_list(value)
+            value = [layer_spec(str(v)) for v in value] if isinstance(value, list) else (
+                None if value is None else layer_spec(str(value)))
+        return yaml.safe_load(yaml.safe_dump(value))  # tuples -> lists, as the file holds them
+
+    changed = [f"--{k.replace('_', '-')} {norm(k, saved_args[k])!r} -> {norm(k, getattr(args, k))!r}"
+               for k in RESUME_SETTINGS
+               if k in saved_args and hasattr(args, k) and norm(k, saved_args[k]) != norm(k, getattr(args, k))]
+    if changed:
+        raise UserError(f"cannot resume: settings differ from the run's args.yaml: {'; '.join(changed)}; "
+                        f"fix: resume with the run's settings, or start a new run (--experiment NAME)")
+
+
+def write_run_args(run_dir: Path, args: argparse.Namespace) -> None:
+    """``args.yaml``, atomically, once every check has passed (a rejected command leaves the run untouched)."""
+    atomic_write(run_dir / "args.yaml", yaml.safe_dump(vars(args), sort_keys=False))
+
+
+def count_params(module: Optional[torch.nn.Module]) -> str:
+    if module is None:
+        return "none"
+    return f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f}M"
+
+
+def write_summary_plot(path: Path, rows: List[Dict[str, Any]]) -> None:
+    """``summary.png``: losses and top-1/top-5 per epoch (matplotlib's Agg, no display; written atomically)."""
+    if not rows:
+        return
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    epochs = [r["epoch"] for r in rows]
+
+    def column(key: str) -> List[float]:  # a value a row lacks is a gap in the curve
+        return [float(v) if isinstance(v, (int, float)) else math.nan for v in (r.get(key) for r in rows)]
+
+    for key in ("train_loss", "task_loss", "kd_loss", "feat_loss", "eval_loss"):
+        values = column(key)
+        if any(v != 0 and not math.isnan(v) for v in values):  # a loss term that is off stays out
+            ax_loss.plot(epochs, values, marker="o", markersize=3, label=key)
+    for key in ("eval_top1", "eval_top5", "ema_top1", "ema_top5"):
+        values = column(key)
+        if not all(math.isnan(v) for v in values):
+            ax_acc.plot(epochs, values, marker="o", markersize=3, label=key)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="%", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        if ax.lines:
+            ax.legend(fontsize="small", loc="best", framealpha=0.6)
+        ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write(path, buf.getvalue())
+
+
+class RunningLosses:
+    """The epoch's loss sums, kept on the device, and a device-side record of the first non-finite loss.
+
+    ``add`` never waits for the device; ``read`` is the one host transfer (all ranks take part) and is
+    called at log intervals, checkpoints, evaluation and export, so a non-finite state is caught before
+    anything is written from it.
+    """
+
+    keys = ("loss", "task_loss", "kd_loss", "feat_loss")
+
+    def __init__(self, accelerator, batches_per_epoch: int) -> None:
+        self.accelerator, self.batches_per_epoch = accelerator, batches_per_epoch
+        device = accelerator.device
+        self.dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # epoch * batches + batch
+        self.bad_value = torch.zeros((), dtype=torch.float32, device=device)
+        self.start_epoch(None)
+
+    def start_epoch(self, partial: Optional[Dict[str, float]]) -> None:
+        """Zero the sums, or restore a checkpoint's (mid-epoch resume)."""
+        partial = partial or {}
+        self.sums = torch.tensor([float(partial.get(k, 0.0)) for k in self.keys], dtype=self.dtype,
+                                 device=self.accelerator.device)
+        self.batches = int(partial.get("batches", 0))
+
+    def add(self, out: Dict[str, torch.Tensor], epoch: int, batch: int) -> None:
+        values = torch.stack([out[k].detach().float() for k in self.keys])
+        self.sums += values.to(self.dtype)
+        self.batches += 1
+        newly_bad = (self.first_bad < 0) & ~torch.isfinite(values).all()
+        self.first_bad = torch.where(newly_bad, epoch * self.batches_per_epoch + batch, self.first_bad)
+        self.bad_value = torch.where(newly_bad, values[0], self.bad_value)
+
+    def _reduced(self, weights_of: Optional[torch.nn.Module] = None) -> List[float]:
+        """[sums averaged over ranks..., ranks with a bad loss, ranks with bad weights]: one transfer."""
+        flags = [(self.first_bad >= 0).to(self.dtype)]
+        if weights_of is not None:
+            finite = torch.stack([torch.isfinite(p.detach()).all() for p in weights_of.parameters()]).all()
+            flags.append((~finite).to(self.dtype))
+        packed = torch.cat([self.sums, torch.stack(flags)])
+        values = self.accelerator.reduce(packed, "sum").tolist()
+        n = len(self.keys)
+        return [v / self.accelerator.num_processes for v in values[:n]] + values[n:]
+
+    def read(self, weights_of: Optional[torch.nn.Module] = None) -> Tuple[Dict[str, float], str]:
+        """Mean losses so far this epoch, and '' or what is non-finite (loss first, then ``weights_of``)."""
+        values = self._reduced(weights_of)
+        n = len(self.keys)
+        means = {k: v / max(self.batches, 1) for k, v in zip(self.keys, values[:n])}
+        bad = ""
+        if values[n] > 0:
+            step = int(self.first_bad.item())
+            if step >= 0:
+                epoch, batch = divmod(step, self.batches_per_epoch)
+                bad = f"non-finite loss ({self.bad_value.item()}) at epoch {epoch}, batch {batch}"
+            else:
+                bad = "non-finite loss on another process"
+        elif len(values) > n + 1 and values[n + 1] > 0:
+            bad = "non-finite weights"
+        return means, bad
+
+    def partial(self) -> Dict[str, float]:
+        """The sums so far (averaged over ranks) for a mid-epoch checkpoint."""
+        values = self._reduced()
+        return {**dict(zip(self.keys, values[:len(self.keys)])), "batches": self.batches}
+
+
+class TimedIterable:
+    """Iterates ``iterable`` and adds up the seconds spent waiting for each item (the loader's share)."""
+
+    def __init__(self, iterable) -> None:
+        self.iterable, self.wait = iterable, 0.0
+
+    def __iter__(self):
+        items = iter(self.iterable)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            self.wait += time.perf_counter() - start
+            yield item
+
+
 def create_student(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
     kwargs = parse_kwargs(args.model_kwargs)
     if args.img_size is not None:
@@ -287,9 +610,14 @@ def export_student(accelerator, trainable, path: Path, model: Optional[torch.nn.
     from safetensors.torch import save
     from timm.models._hub import save_config_for_hf
     # both files are written beside and renamed over, so a kill never leaves a half-written export
-    atomic_write(path / "model.safetensors", save({k: v.detach().cpu().contiguous() for k, v in state.items()}))
+    # the process count makes the card's global batch (per-process batch x processes x accumulation) true
+    atomic_write(path / "model.safetensors", save({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                                                  metadata={"format": "pt",
+                                                            "num_processes": str(accelerator.num_processes)}))
     tmp = path / ".config.json.tmp"
-    save_config_for_hf(student, tmp, data_config=data_config)
+    # the architecture's default tag names the authors' release: a run's weights are named after the run
+    run_name = f"{path.parent.name}_{path.name}" if path.name in ("best", "ema") else path.name
+    save_config_for_hf(student, tmp, model_config={"pretrained_cfg": {"tag": run_name}}, data_config=data_config)
     os.replace(tmp, path / "config.json")
 
 
@@ -330,22 +658,34 @@ def evaluate(accelerator, model_fn, loader) -> Dict[str, float]:
 def train(args: Union[argparse.Namespace, Dict[str, Any]]) -> Dict[str, Any]:
     """Train and return a summary dict (best/final top-1, history rows, output paths).
 
-    Raises :class:`UserError` for bad input and :class:`NonFiniteLossError` when the loss diverges.
+    Raises :class:`UserError` for bad input (also a full disk or an unwritable output folder) and
+    :class:`NonFiniteLossError` when the loss diverges.
     """
+    args = as_namespace(args)
+    try:
+        return _train(args)
+    except OSError as err:
+        raise write_error(err, args.output) from err
+    except RuntimeError as err:
+        # torch.save reports a full disk as a RuntimeError ("file write failed")
+        if "file write failed" in str(err) and disk_nearly_full(args.output):
+            raise UserError(f"no space left on the disk holding {args.output}; free some space, or pass "
+                            f"another --output, then --resume auto (the last complete checkpoint is kept)") from err
+        raise
+
+
+def _train(args: argparse.Namespace) -> Dict[str, Any]:
     from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
     from accelerate.data_loader import prepare_data_loader
     from accelerate.utils import ProjectConfiguration, set_seed, tqdm
-    from timm.data import Mixup, create_transform, resolve_data_config
-    from timm.data.distributed_sampler import RepeatAugSampler
+    from timm.data import Mixup, resolve_data_config
     from timm.loss import create_classification_loss
     from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-    from timm.utils import ModelEmaV3
 
-    args = as_namespace(args)
     validate_args(args)
     trackers = resolve_trackers(args)
     run_dir = Path(args.output) / (args.experiment or args.model)
+    check_output_dir(run_dir)
     ckpt_root = run_dir / CHECKPOINT_DIR
 
     # --- accelerator: devices, precision, accumulation, DDP/FSDP all come from here -------------------
@@ -360,14 +700,13 @@ def train(args: Union[argparse.Namespace, Dict[str, Any]]) -> Dict[str, Any]:
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
         # a seeded sampler makes each epoch's order a function of (seed, epoch): resumable mid-epoch
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        # non_blocking: batches from pinned memory reach the GPU without a host sync per step
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.find_unused_parameters)],
     )
     set_seed(args.seed, device_specific=True)  # augmentation differs per rank; DDP syncs the initial weights
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "args.yaml", "w") as f:
-            yaml.safe_dump(vars(args), f, sort_keys=False)
+    warn_if_fewer_processes(accelerator)
+    # nothing is written into the run folder until every check below has passed (see write_run_args)
 
     # --- data -------------------------------------------------------------------------------------------
     train_set, val_set = create_datasets(args)
@@ -380,30 +719,11 @@ def train(args: Union[argparse.Namespace, Dict[str, Any]]) -> Dict[str, Any]:
     if args.img_size is None and args.input_size is None and model_hw is not None:
         # an img_size given through --model-kwargs is not in the model's pretrained cfg; the model knows it
         data_config["input_size"] = (3, *model_hw)
-    train_set.transform = create_transform(
-        data_config["input_size"], is_training=True, scale=tuple(args.scale), ratio=tuple(args.ratio),
-        hflip=args.hflip, color_jitter=args.color_jitter, auto_augment=args.aa,
-        interpolation=args.train_interpolation, mean=data_config["mean"], std=data_config["std"],
-        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
-    train_set = SeededAugDataset(train_set, args.seed, accelerator.process_index)
-    loader_kwargs = dict(num_workers=args.workers, pin_memory=args.pin_mem, persistent_workers=False)
-    repeat_aug = args.aug_repeats > 0 and accelerator.num_processes > 1
-    if repeat_aug:
-        # RepeatAugSampler shards by rank itself, so Accelerate must not shard again (num_processes=1 below)
-        sampler = RepeatAugSampler(train_set, num_replicas=accelerator.num_processes,
-                                   rank=accelerator.process_index, num_repeats=args.aug_repeats)
-        train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                                  **loader_kwargs)
-    else:
-        train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                  generator=torch.Generator().manual_seed(args.seed), **loader_kwargs)
-    val_loader = None
-    if val_set is not None:
-        val_set.transform = create_transform(
-            data_config["input_size"], is_training=False, interpolation=data_config["interpolation"],
-            mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"])
-        val_loader = DataLoader(val_set, batch_size=args.validation_batch_size or args.batch_size, shuffle=False,
-                                **loader_kwargs)
+    # on CUDA the workers hand over uint8 and loaders.device_transform normalises/erases on the GPU
+    loaders = build_loaders(args, train_set, val_set, data_config, accelerator.device,
+                            rank=accelerator.process_index, num_processes=accelerator.num_processes)
+    train_set, train_loader, val_loader = loaders.train_set, loaders.train, loaders.val
+    repeat_aug = loaders.shards_by_rank  # RepeatAugSampler shards by rank: Accelerate must not shard again
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0:
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
@@ -415,21 +735,25 @@ def train(args: Union[argparse.Namespace, Dict[str, Any]]) -> Dict[str, Any]:
     feat_on = args.feat_loss != "none" and args.feat_weight > 0
     teacher = None
     if a > 0 or feat_on:
-        teacher_model = create_teacher_model(args.kd_model_name, parse_kwargs(args.kd_model_kwargs),
-                                             args.kd_checkpoint, pretrained=args.kd_pretrained)
-        teacher = FrozenTeacher(teacher_model, args.kd_layer, data_config["mean"], data_config["std"],
-                                need_logits=a > 0, need_tokens=feat_on)
+        teacher = FrozenTeacher(create_teacher_same_on_every_rank(args), single_or_list(args.kd_layer),
+                                data_config["mean"], data_config["std"], need_logits=a > 0, need_tokens=feat_on)
     task = EndpointDistillationTask(
         student, teacher, criterion=create_classification_loss(smoothing=args.smoothing,
                                                                soft_targets=mixup_fn is not None),
         distill_loss_weight=a, task_loss_weight=args.task_loss_weight, temperature=args.kd_temperature,
+        distillation_type=args.distillation_type,
         feat_loss=args.feat_loss if feat_on else "none", feat_weight=args.feat_weight,
-        student_layer=args.student_layer, teacher_layer=args.kd_layer, width_align=args.width_align,
-        probe_size=data_config["input_size"][-2:])
+        student_layer=single_or_list(args.student_layer), teacher_layer=single_or_list(args.kd_layer),
+        width_align=args.width_align, probe_size=data_config["input_size"][-2:])
     if task.teacher is not None:
         task.teacher.to(accelerator.device)
+        if args.kd_weights_dtype != "float32":
+            task.teacher.hold_weights_in(getattr(torch, args.kd_weights_dtype))
+    if args.torchcompile:
+        task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
 
-    # --- optimizer and per-update schedule ------------------------------------------------------------
+    # --- optimizer and schedule (per epoch unless --sched-on-updates) ---------------------------------
+    args.lr = resolve_lr(args, accelerator.num_processes)  # recorded in args.yaml, as timm's train.py does
     opt_kwargs = {}
     if args.opt_eps is not None:
         opt_kwargs["eps"] = args.opt_eps
@@ -437,29 +761,24 @@ def train(args: Union[argparse.Namespace, Dict[str, Any]]) -> Dict[str, Any]:
         opt_kwargs["betas"] = tuple(args.opt_betas)
     optimizer = create_optimizer_v2(task.trainable_module, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum, **opt_kwargs)
+    # the EMA copies the plain student: an FSDP-wrapped one cannot be deep-copied (see ema.py)
+    ema = create_student_ema(task.student, args.model_ema_decay, args.model_ema_warmup) if args.model_ema else None
+    check_fsdp_setup(accelerator, task.trainable_module)
     trainable, optimizer, train_loader = accelerator.prepare(task.trainable_module, optimizer, train_loader)
     if repeat_aug:
         train_loader = prepare_data_loader(train_loader, accelerator.device, num_processes=1, process_index=0,
-                                           put_on_device=True)
+                                           put_on_device=True, non_blocking=True)
     if val_loader is not None:
-        val_loader = accelerator.prepare(val_loader)
+        val_loader = loaders.eval_wrap(accelerator.prepare(val_loader))
     task.trainable_module = trainable
     updates_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
     if updates_per_epoch == 0:
         raise UserError(f"the training set is smaller than one batch ({len(train_set)} images, -b {args.batch_size})")
-    scheduler, num_epochs = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-        warmup_lr=args.warmup_lr, min_lr=args.min_lr, cooldown_epochs=args.cooldown_epochs,
-        decay_epochs=args.decay_epochs, decay_rate=args.decay_rate, step_on_epochs=False,
-        updates_per_epoch=updates_per_epoch)
-    if scheduler is not None:  # --sched none
-        accelerator.register_for_checkpointing(scheduler)
-    ema = None
-    if args.model_ema:
-        # after prepare: DDP has broadcast rank 0's weights, so every rank's EMA starts equal
-        ema = ModelEmaV3(task.student, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+    scheduler, num_epochs = create_schedule(args, optimizer, updates_per_epoch)
+    if ema is not None:
+        # start from the prepared weights: DDP broadcast rank 0's, FSDP keeps each rank's shards
+        sync_ema(ema, accelerator, trainable)
         task.trainable_module_ema = ema
-        accelerator.register_for_checkpointing(ema)
 
     # --- resume -----------------------------------------------------------------------------------------
     start_epoch, start_batch, num_updates = 0, 0, 0
@@ -468,13 +787,25 @@ def train(args: Union[argparse.Namespace, Dict[str, Any]]) -> Dict[str, Any]:
     partial: Dict[str, float] = {}
     resume_from = find_resume_checkpoint(args.resume, run_dir)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))  # model, optimizer, scheduler, EMA, scaler, RNG states
-        meta = json.loads((resume_from / META_FILE).read_text())
+        check_resume_compatible(load_run_args(resume_from.parent.parent), args)  # RUN/checkpoints/ckpt_*
+        # model, optimizer, scheduler, EMA, scaler, RNG states; safetensors and JSON only (never unpickled)
+        meta = load_checkpoint(accelerator, resume_from, trainable, optimizer, scheduler, ema)
         start_epoch, start_batch, num_updates = meta["epoch"], meta["batch"], meta["num_updates"]
         history, best, partial = meta["history"], meta["best"], meta.get("partial", {})
         # we name checkpoints ourselves, but keep Accelerate's counter right for anyone using automatic naming
         accelerator.project_configuration.iteration = meta.get("index", 0) + 1
         accelerator.print(f"resumed from {resume_from} at epoch {start_epoch}, batch {start_batch}")
+    # every check has passed: only now does the run folder get written
+    if accelerator.is_main_process:
+        write_run_args(run_dir, args)
+    accelerator.print(
+        f"start: {accelerator.num_processes} process(es), global batch "
+        f"{args.batch_size * accelerator.num_processes * args.grad_accum_steps} ({args.batch_size}/process x "
+        f"{accelerator.num_processes} x {args.grad_accum_steps} accumulation), lr {args.lr:.3g}, "
+        f"student {count_params(task.student)} params, teacher "
+        f"{count_params(task.teacher.model if task.teacher is not None else None)} params, train "
+        f"{len(train_set)} images, validation {len(val_set) if val_set is not None else 0} images, "
+        f"output {run_dir}")
     if trackers:
         accelerator.init_trackers(args.experiment or args.model,
                                   config={k: v for k, v in vars(args).items()
@@ -486,7 +817,7 @@ def train(args: Union[argparse.Namespace, Dict[str, Any]]) -> Dict[str, Any]:
         meta = {"epoch": epoch, "batch": batch, "num_updates": num_updates, "history": history, "best": best,
                 "partial": dict(sums), "index": ckpt_index[0]}
         ckpt_index[0] += 1
-        return save_checkpoint(accelerator, ckpt_root, meta, args.checkpoint_keep)
+        return save_checkpoint(accelerator, ckpt_root, meta, args.checkpoint_keep, trainable, optimizer, scheduler, ema)
 
     def last_good() -> str:
         found = list_checkpoints(ckpt_root)
@@ -494,67 +825,85 @@ def train(args: Union[argparse.Namespace, Dict[str, Any]]) -> Dict[str, Any]:
 
     # --- train / checkpoint / evaluate / log -------------------------------------------------------------
     summary_path = run_dir / "summary.csv"
-    loss_keys = ("loss", "task_loss", "kd_loss", "feat_loss")
+    # losses are summed on the device and read only at log, checkpoint and epoch end (no per-step sync)
+    running = RunningLosses(accelerator, batches_per_epoch=len(train_loader))
+    # a bar redrawn with \r fills a log file: bars only on a terminal, progress lines otherwise
+    show_bar = args.progress and sys.stderr.isatty()
+
+    def ensure_finite(before: str, weights: bool = False) -> Dict[str, float]:
+        """Losses so far (means over ranks); raises when any loss (or, with ``weights``, weight) is non-finite."""
+        means, bad = running.read(trainable if weights else None)
+        if bad:
+            raise NonFiniteLossError(f"{bad} (after {num_updates} updates); stopped before {before}, "
+                                     f"last good checkpoint: {last_good()}")
+        return means
+
     for epoch in range(start_epoch, num_epochs):
         task.train()
         train_set.set_epoch(epoch)
         train_loader.set_epoch(epoch)
         loader = train_loader
-        sums: Dict[str, float] = defaultdict(float)
+        running.start_epoch(partial if start_batch else None)
         if start_batch:
             loader = accelerator.skip_first_batches(train_loader, start_batch)
             # a fresh loader counts its own epochs from 0 and would replay epoch 0's order: set it explicitly
             loader.set_epoch(epoch)
-            sums.update(partial)
-        bar = tqdm(loader, main_process_only=True, disable=not args.progress,
+        bar = tqdm(loader, main_process_only=True, disable=not show_bar,
                    desc=f"{args.experiment or args.model} epoch {epoch}", initial=start_batch,
                    total=len(train_loader), position=args.progress_position, leave=args.progress_position == 0)
-        for batch_idx, (x, y) in enumerate(bar, start=start_batch):
+        timed = TimedIterable(bar)  # seconds spent waiting for the loader
+        epoch_start = log_start = time.perf_counter()
+        first_batch, log_batch, batch_idx = start_batch, start_batch, start_batch - 1
+        for batch_idx, (x, y) in enumerate(timed, start=start_batch):
+            x = loaders.device_transform(x, epoch, batch_idx)  # CUDA: uint8 -> normalised (+ erased); CPU: as is
             if mixup_fn is not None:
                 x, y = mixup_fn(x, y)
             with accelerator.accumulate(trainable):
                 with accelerator.autocast():  # covers the (unprepared) teacher forward too
                     out = task(x, y)
-                # one reduce gives the logged mean and lets every rank agree to stop on a bad loss
-                # the step's one host transfer: every loss value below comes from this list
-                losses = accelerator.reduce(torch.stack([out[k].detach().float() for k in loss_keys]),
-                                            "mean").tolist()
-                if not all(map(math.isfinite, losses)):
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({losses[0]}) at epoch {epoch}, batch {batch_idx} "
-                        f"(after {num_updates} updates); stopped, last good checkpoint: {last_good()}")
+                running.add(out, epoch, batch_idx)  # device-side: sums and the first non-finite step
                 accelerator.backward(out["loss"])
                 if args.clip_grad and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(trainable.parameters(), args.clip_grad)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            for key, value in zip(loss_keys, losses):
-                sums[key] += value
-            sums["batches"] += 1
             if not accelerator.sync_gradients:
                 continue
             num_updates += 1
             if scheduler is not None:
-                scheduler.step_update(num_updates=num_updates)
+                scheduler.step_update(num_updates=num_updates)  # a per-epoch schedule ignores this
             if ema is not None:
-                ema.update(task.student, step=num_updates)
+                update_ema(ema, accelerator, trainable, num_updates)
             if num_updates % max(args.log_interval, 1) == 0:
-                bar.set_postfix(loss=f"{sums['loss'] / sums['batches']:.4f}")
+                means = ensure_finite("logging")  # the interval's one host transfer
+                lr = optimizer.param_groups[0]["lr"]
+                now = time.perf_counter()
+                rate = (batch_idx + 1 - log_batch) * args.batch_size * accelerator.num_processes / (now - log_start)
+                log_start, log_batch = now, batch_idx + 1
+                if show_bar:
+                    bar.set_postfix(loss=f"{means['loss']:.4f}")
+                else:
+                    accelerator.print(f"epoch {epoch} [{batch_idx + 1}/{len(train_loader)}] update {num_updates} "
+                                      f"loss={means['loss']:.4f} lr={lr:.3g} img/s={rate:.1f}")
                 if trackers:
-                    accelerator.log({"train/" + k: v for k, v in zip(loss_keys, losses)}
-                                    | {"lr": optimizer.param_groups[0]["lr"]}, step=num_updates)
+                    accelerator.log({"train/" + k: v for k, v in means.items()} | {"lr": lr}, step=num_updates)
             if args.checkpoint_every_steps and num_updates % args.checkpoint_every_steps == 0:
-                checkpoint(epoch, batch_idx + 1, sums)
+                ensure_finite("a checkpoint", weights=True)
+                checkpoint(epoch, batch_idx + 1, running.partial())
             if args.stop_after_updates and num_updates >= args.stop_after_updates:
                 accelerator.print(f"stopping after {num_updates} updates (--stop-after-updates)")
                 accelerator.end_training()
                 return {"stopped": True, "num_updates": num_updates, "output_dir": str(run_dir)}
+        means = ensure_finite("evaluation", weights=True)  # also waits for the device: the epoch's time is real
+        seconds = max(time.perf_counter() - epoch_start, 1e-9)
+        speed = {"img_s": (batch_idx + 1 - first_batch) * args.batch_size * accelerator.num_processes / seconds,
+                 "data_wait": timed.wait / seconds}
         start_batch = 0
-        if scheduler is not None:
-            scheduler.step(epoch + 1)
-
         row: Dict[str, Any] = {"epoch": epoch}
-        row.update({f"train_{k}" if k == "loss" else k: sums[k] / max(sums["batches"], 1) for k in loss_keys})
+        row.update({f"train_{k}" if k == "loss" else k: v for k, v in means.items()})
+        # the lr this epoch trained at (per-update schedules: its last update's), read before stepping, like timm
+        lr = optimizer.param_groups[0]["lr"]
+        step_schedule_at_epoch_end(scheduler, epoch)
         if val_loader is not None:
             task.eval()
             metrics = evaluate(accelerator, lambda inp: trainable(inp)[0], val_loader)
@@ -562,7 +911,7 @@ def train(args: Union[argparse.Namespace, Dict[str, Any]]) -> Dict[str, Any]:
             if ema is not None:
                 ema_metrics = evaluate(accelerator, ema.module, val_loader)
                 row.update({"ema_top1": ema_metrics["top1"], "ema_top5": ema_metrics["top5"]})
-        row["lr"] = optimizer.param_groups[0]["lr"]
+        row["lr"] = lr
         history.append(row)
         # the raw model's best epoch is what the paper reports (EMA is kept but not used for selection)
         if row.get("eval_top1", -1.0) > best["top1"]:
@@ -570,17 +919,26 @@ def train(args: Union[argparse.Namespace, Dict[str, Any]]) -> Dict[str, Any]:
             export_student(accelerator, trainable, run_dir / "best", data_config=data_config)
         if accelerator.is_main_process:
             write_summary(summary_path, history)
+            write_summary_plot(run_dir / "summary.png", history)
         if trackers:
-            accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=num_updates)
-        accelerator.print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            accelerator.log({k: v for k, v in row.items() if k != "epoch"} | speed, step=num_updates)
+        # speed is printed, not kept in summary.csv: a resumed run's summary must equal an uninterrupted one's
+        accelerator.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+                          + f" img/s={speed['img_s']:.1f} data_wait={100 * speed['data_wait']:.0f}%")
         checkpoint(epoch + 1, 0, {})
 
     # --- export ------------------------------------------------------------------------------------------
+    ensure_finite("the final export", weights=True)
     export_student(accelerator, trainable, run_dir, data_config=data_config)
     if ema is not None:
         export_student(accelerator, trainable, run_dir / "ema", model=ema.module, data_config=data_config)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    accelerator.print(
+        f"done: student {run_dir / 'model.safetensors'}"
+        + (f", best (epoch {best['epoch']}) {run_dir / 'best'}" if best["epoch"] >= 0 else "")
+        + (f", EMA {run_dir / 'ema'}" if ema is not None else "")
+        + f", summary {summary_path} and summary.png, checkpoints {ckpt_root}, settings {run_dir / 'args.yaml'}")
     last = history[-1] if history else {}
     return {"output_dir": str(run_dir), "model_path": str(run_dir / "model.safetensors"),
             "best_model_path": str(run_dir / "best" / "model.safetensors") if best["epoch"] >= 0 else None,
@@ -591,7 +949,6 @@ def train(args: Union[argparse.Namespace, Dict[str, Any]]) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry: one line ``error: ...`` and exit 2 on bad input, 3 on a non-finite loss."""
-    import sys
     # every rank hits the same error; only rank 0 reports it, so the user sees one line
     report = os.environ.get("RANK", "0") == "0"
     try:
@@ -608,4 +965,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+if __name__ == "__main__":  # python -m timm_widelast.distill.trainer
+    sys.exit(main())
 

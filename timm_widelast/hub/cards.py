@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import shutil
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -27,6 +28,30 @@ DEIT_BASES = {192: "timm/deit_tiny_patch16_224.fb_in1k", 384: "timm/deit_small_p
 PLACEHOLDER_REPO = "your-org/your-model"
 # Marks the note about the placeholder repo; push drops it once the real repo id is filled in.
 NOTE_START, NOTE_END = "<!-- placeholder-repo -->", "<!-- /placeholder-repo -->"
+
+
+def short_name(ref: str) -> str:
+    """A model or run name fit for a label: ``local-dir:/a/b/run`` and ``/a/b/run`` -> ``run``; ``hf-hub:`` dropped."""
+    ref = str(ref)
+    if ref.startswith("hf-hub:"):
+        return ref[len("hf-hub:"):].split("@")[0]
+    if ref.startswith("local-dir:"):
+        return Path(ref[len("local-dir:"):].rstrip("/")).name or ref
+    if ref.startswith(("/", "~", "./", "../")) or (("/" in ref or "\\" in ref) and Path(ref).exists()):
+        return Path(ref.rstrip("/")).name or ref
+    return ref
+
+
+def is_deit_sized(model: nn.Module) -> bool:
+    """Whether the student keeps DeiT-Tiny's or DeiT-Small's blocks (widths 192 / 384, patch 16)."""
+    width = int(model.patch_embed.proj.out_channels)
+    return width in DEIT_BASES and tuple(model.patch_embed.patch_size) == (16, 16)
+
+
+def is_timm_deit(name: str) -> bool:
+    """A DeiT of timm's (``deit_small_patch16_224``, ``deit3_...``), not one of our DeiT-derived students."""
+    name = name.lower().split(".")[0]
+    return name.startswith("deit") and not name.endswith(("_lift", "_widelast"))
 
 
 def template_path() -> Path:
@@ -126,8 +151,13 @@ class PaperConfig:
     released_file: Optional[str] = None  # file in the authors' Hub release, when weights were released
 
     @property
+    def released(self) -> bool:
+        return self.released_file is not None
+
+    @property
     def name(self) -> str:
-        return f"{self.architecture}.{self.tag}"
+        """The card's name: a loadable timm name for released weights; for the others, not a timm tag."""
+        return f"{self.architecture}.{self.tag}" if self.released else f"{self.architecture}-{self.tag}-not-released"
 
     @property
     def top1(self) -> float:
@@ -189,6 +219,11 @@ class CardInfo:
     results_intro: str = ""
     sep: Optional[Dict[str, Any]] = None
     sep_missing: str = "No SEP report was attached to this export (`timm-widelast sep`, then `export --report DIR`)."
+    paper_claim: Optional[str] = None  # "the paper reports X; these weights: not measured"
+    measured_by: str = "this run's evaluation"  # who measured ``results`` on these weights
+    cite_deit: bool = True
+    cite_cait: bool = False
+    num_classes: int = 1000
 
 
 _MISMATCH = ("The paper finds that a narrow student with a throw-away linear adapter cannot match a wide teacher's "
@@ -308,6 +343,12 @@ def render_card(info: CardInfo):
         paper_table=[(n, f"{v:.2f}", n == info.paper_row) for n, v in PAPER_TABLE] if info.show_paper_table else None,
         sep=info.sep,
         sep_missing=info.sep_missing,
+        paper_claim=info.paper_claim,
+        measured_by=info.measured_by,
+        timm_results=info.dataset_id == "imagenet-1k",
+        cite_deit=info.cite_deit,
+        cite_cait=info.cite_cait,
+        top_k=min(5, info.num_classes),  # topk(k=5) fails on a model with fewer classes
     )
 
 
@@ -324,7 +365,7 @@ def sep_section(report: Dict[str, Any], folder: str, figure: Optional[str], perc
             rows.append((label, [f"{v:g}" for v in vals]))
     sep = report.get("sep", {}) or {}
     return {
-        "label": model.get("label") or model.get("name") or "model",
+        "label": short_name(model.get("label") or model.get("name") or "model"),
         "tap": model.get("tap", "endpoint"),
         "dim": model.get("dim", "?"),
         "num_images": (report.get("data", {}) or {}).get("num_images", "?"),
@@ -372,22 +413,32 @@ def paper_card_info(cfg: PaperConfig) -> CardInfo:
     else:
         recipe += [("teacher", "none (supervised, cross-entropy with label smoothing)")]
     recipe += PAPER_RECIPE
-    released = cfg.released_file is not None
-    if released:
+    if cfg.released:
         weights_note = (f"released by the authors as `{cfg.released_file}` in "
                         f"[{RELEASE_REPO}](https://huggingface.co/{RELEASE_REPO}); `timm_widelast` loads it as "
                         f"`{cfg.name}`.")
         usage_note = (f"`'{cfg.name}'` downloads the authors' released checkpoint. Once this card is pushed with "
                       f"an export of those weights, `'hf-hub:<org>/{cfg.name}'` loads it the same way.")
         model_ref, pretrained = cfg.name, True
+        # the authors evaluated exactly these weights: their number is a result of this model
+        results = [ResultRow(cfg.row, "ImageNet-1k val", 300, cfg.top1, None)]
+        intro = ("Published ImageNet-1k top-1 of these released weights, as measured by the authors "
+                 "(top-5 not published; epoch = training length, the paper reports the raw model's best epoch).")
+        claim, title = None, cfg.name
     else:
-        weights_note = "not released by the authors; this card documents the configuration and its published result."
-        usage_note = ("The authors did not release weights for this configuration: the snippets build the "
-                      "architecture with random weights. Train it with `timm-widelast`, export it, and pass "
-                      "`'hf-hub:<org>/<name>'` with `pretrained=True`.")
+        weights_note = ("none: the authors released no weights for this configuration, and this project has not "
+                        "trained it. This card documents the configuration only.")
+        usage_note = ("No weights exist for this configuration: the snippets build the architecture with random "
+                      "weights. Train it with `timm-widelast train`, export it, and pass `'hf-hub:<org>/<name>'` "
+                      "with `pretrained=True`.")
         model_ref, pretrained = cfg.architecture, False
+        results = []
+        intro = "No weights of this configuration exist, so no result is given for them."
+        claim = (f"The paper reports {cfg.top1:.2f}% ImageNet-1k top-1 for this configuration "
+                 "(arXiv 2511.15572); these weights: not measured.")
+        title = f"{cfg.architecture} ({cfg.row}; paper configuration, weights not released)"
     return CardInfo(
-        title=cfg.name,
+        title=title,
         architecture=cfg.architecture,
         model_args={},
         stats=model_stats(model),
@@ -398,7 +449,7 @@ def paper_card_info(cfg: PaperConfig) -> CardInfo:
         dataset_id="imagenet-1k",
         dataset_label="ImageNet-1k",
         eval_split="validation",
-        results=[ResultRow(cfg.row, "ImageNet-1k val", 300, cfg.top1, None)],
+        results=results,
         recipe=recipe,
         model_ref=model_ref,
         pretrained=pretrained,
@@ -411,11 +462,14 @@ def paper_card_info(cfg: PaperConfig) -> CardInfo:
         show_paper_table=True,
         weights_note=weights_note,
         usage_note=usage_note,
-        results_intro=("Published ImageNet-1k top-1 from the paper (top-5 not published; epoch = training length, "
-                       "the paper reports the raw model's best epoch)."),
+        results_intro=intro,
+        paper_claim=claim,
+        measured_by="the authors (arXiv 2511.15572)",
         sep_missing=("The paper's diagnostics concern the teachers (for CaiT-S24 at `blocks[23]`: SEP d = "
                      "192/230/270/309/346 of 384 bins for 50/60/70/80/90% energy, b = 0.500/0.599/0.703/0.805/0.901). "
                      "No SEP report of this student is attached; `timm-widelast sep` makes one."),
+        cite_deit=True,
+        cite_cait=teacher is not None,
     )
 
 
@@ -427,7 +481,16 @@ def write_paper_cards(out_dir: Path, configs: Sequence[PaperConfig] = PAPER_CONF
              "Generated by `timm-widelast cards --paper --out hub_cards` (do not edit by hand).",
              "**All numbers are the paper's published ImageNet-1k results (arXiv 2511.15572), "
              "not results measured by this project.**", "",
+             "Only the released weights' cards carry a result in their metadata (the authors' evaluation of "
+             "those weights); the others state the paper's number as the paper's, with no weights measured.", "",
              "| card | configuration | top-1 (paper) | Params (M) | GMACs | weights |", "|---|---|---|---|---|---|"]
+    current = {cfg.name for cfg in configs}
+    for old in sorted(out_dir.iterdir()) if out_dir.is_dir() else []:
+        # a card folder this command wrote under an earlier name (e.g. a configuration renamed)
+        readme = old / "README.md"
+        if (old.is_dir() and old.name not in current and [p.name for p in old.iterdir()] == ["README.md"]
+                and "timm-widelast cards --paper" in readme.read_text(encoding="utf-8")):
+            shutil.rmtree(old)
     for cfg in configs:
         info = paper_card_info(cfg)
         path = out_dir / cfg.name / "README.md"
@@ -435,7 +498,7 @@ def write_paper_cards(out_dir: Path, configs: Sequence[PaperConfig] = PAPER_CONF
         written.append(path)
         index.append(f"| [{cfg.name}]({cfg.name}/README.md) | {cfg.row} | {cfg.top1:.2f} | "
                      f"{info.stats.params_m:.2f} | {info.stats.gmacs:.2f} | "
-                     f"{'authors release' if cfg.released_file else 'not released'} |")
+                     f"{'released by the authors' if cfg.released else 'not released'} |")
     index += ["", "Regenerate after changing `timm_widelast/templates/model_card.md` or "
               "`timm_widelast/hub/cards.py`:", "", "```", "timm-widelast cards --paper --out hub_cards", "```", ""]
     atomic_write(out_dir / "README.md", "\n".join(index))

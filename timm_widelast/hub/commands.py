@@ -18,7 +18,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", default=None, help="SEP report folder (default: one found inside the run)")
     p.add_argument("--repo-id", default=None, help="Hub repo the card's snippets name (push fills it in otherwise)")
     p.add_argument("--metric-row", choices=("last", "best"), default="last",
-                   help="summary.csv row shown on the card: the last epoch (the weights) or the best top-1")
+                   help="last: the run's final weights with the last epoch's metrics; best: the run's best/ "
+                        "weights with the best epoch's metrics")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -45,7 +46,7 @@ def cmd_card(args: argparse.Namespace) -> int:
             raise UserError("no source; fix: pass a run folder, export folder or checkpoint, or --paper NAME")
         from .export import REPORT_FOLDER, build_model, resolve_source, run_card_info
 
-        source = resolve_source(args.source, ema=args.ema, report=args.report)
+        source = resolve_source(args.source, ema=args.ema, report=args.report, metric_row=args.metric_row)
         model, name, kwargs = build_model(source, args.model, parse_kwargs(args.model_kwargs))
         folder = REPORT_FOLDER
         if source.report_dir is not None:
@@ -55,8 +56,7 @@ def cmd_card(args: argparse.Namespace) -> int:
                 folder = Path(source.report_dir).absolute().relative_to(base.absolute()).as_posix()
             except ValueError:
                 folder = str(source.report_dir)
-        info = run_card_info(model, name, kwargs, source, repo_id=args.repo_id, metric_row=args.metric_row,
-                             report_folder=folder)
+        info = run_card_info(model, name, kwargs, source, repo_id=args.repo_id, report_folder=folder)
         text = str(cards.render_card(info))
     if args.out:
         atomic_write(args.out, text + "\n")
@@ -86,7 +86,8 @@ def cmd_push(args: argparse.Namespace) -> int:
         total = sum(size for _, size in result.files)
         print(f"would upload {len(result.files)} files ({total / 1e6:.2f} MB) to {result.repo_id} in one commit:")
         for rel, size in result.files:
-            print(f"  {rel}  ({size} bytes){'  [repo id filled in]' if rel == 'README.md' and result.readme else ''}")
+            note = f"  [{result.notes[rel]}]" if rel in result.notes else ""
+            print(f"  {rel}  ({size} bytes){note}")
     else:
         print(f"pushed {args.folder} to {args.repo_id}: {result}")
     return 0

@@ -16,10 +16,12 @@ folder nor clobbers an existing export.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -37,7 +39,8 @@ from . import cards
 _logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
-EMA_NAMES = ("model_ema.safetensors", "ema.safetensors", "model-ema.safetensors")
+# where runs keep EMA weights: our trainer's ema/ folder first, then single-file layouts
+EMA_NAMES = ("ema/model.safetensors", "model_ema.safetensors", "ema.safetensors", "model-ema.safetensors")
 RECORD_NAME = "training_record.json"
 REPORT_FOLDER = "sep_report"
 REQUIRED_FILES = ("config.json", WEIGHTS_NAME, "README.md")
@@ -50,13 +53,21 @@ UNKNOWN_MODEL_HINT = ("install and import timm_widelast before creating the mode
 
 @dataclass
 class RunSource:
-    """What an export is made from: a weights file and whatever training record sits beside it."""
+    """What an export is made from: a weights file and whatever training record belongs to it.
+
+    ``kind`` says which weights these are, and so which evaluation (if any) was measured on them:
+    ``final`` (the run's last epoch), ``best`` (the trainer's ``best/``), ``ema`` (the EMA weights after
+    the last epoch), ``export`` (an earlier export, with its own record) or ``file`` (a checkpoint the
+    run's evaluation does not describe: no metrics are claimed for it).
+    """
 
     weights: Path
-    run_dir: Optional[Path]
+    run_dir: Optional[Path]  # the training run: args.yaml, summary.csv
+    kind: str = "file"
+    weights_dir: Optional[Path] = None  # the folder beside the weights (its config.json)
     args: Dict[str, Any] = field(default_factory=dict)
     summary: List[Dict[str, str]] = field(default_factory=list)
-    config: Dict[str, Any] = field(default_factory=dict)  # config.json when re-exporting an export
+    config: Dict[str, Any] = field(default_factory=dict)  # config.json beside the weights
     record: Dict[str, Any] = field(default_factory=dict)  # training_record.json of an earlier export
     report_dir: Optional[Path] = None
     ema: bool = False
@@ -71,8 +82,6 @@ def _first(d: Dict[str, Any], *keys: str, default: Any = None) -> Any:
     return default
 
 
-
-
 def _read_yaml(path: Path) -> Dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -81,6 +90,14 @@ def _read_yaml(path: Path) -> Dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{path} does not hold a mapping of training args; fix: repair or remove it")
     return data
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err}); fix: repair or remove it") from err
+    return data if isinstance(data, dict) else {}
 
 
 def read_summary(path: Path) -> List[Dict[str, str]]:
@@ -98,44 +115,87 @@ def _find_report(run_dir: Path) -> Optional[Path]:
     return None
 
 
-def resolve_source(path: Union[str, Path], ema: bool = False, report: Optional[Union[str, Path]] = None) -> RunSource:
-    """Locate the weights and the optional training record for a run folder, export folder or checkpoint file."""
+def _is_run(folder: Path) -> bool:
+    return (folder / "args.yaml").is_file() or (folder / "summary.csv").is_file()
+
+
+def _locate(path: Path, ema: bool, metric_row: str) -> Tuple[Path, Optional[Path], str]:
+    """(weights file, run folder, kind) for a run folder, its ``best/`` or ``ema/``, an export, or a file."""
+    if path.is_dir() and (path / RECORD_NAME).is_file():
+        if ema or metric_row == "best":
+            raise UserError(f"{path} is an export (one set of weights, already chosen); fix: drop --ema / "
+                            "--metric-row best, or export the training run folder instead")
+        return path / WEIGHTS_NAME, path, "export"
+    if path.is_dir() and path.name in ("best", "ema") and _is_run(path.parent):
+        if (path.name == "best" and ema) or (path.name == "ema" and metric_row == "best"):
+            raise UserError(f"{path} holds the {path.name} weights only; fix: drop --ema / --metric-row best")
+        return path / WEIGHTS_NAME, path.parent, path.name
+    if path.is_dir():
+        if metric_row == "best":
+            if ema:
+                raise UserError("the trainer keeps the raw model's best epoch only (best/), not an EMA one; "
+                                "fix: drop --ema, or drop --metric-row best to export the final EMA weights")
+            weights = path / "best" / WEIGHTS_NAME
+            if not weights.is_file():
+                raise UserError(f"{path} has no best/{WEIGHTS_NAME} (the trainer writes it when an epoch improves "
+                                "top-1); fix: drop --metric-row best to export the final weights with their "
+                                "own metrics")
+            return weights, path, "best"
+        if ema:
+            found = [path / n for n in EMA_NAMES if (path / n).is_file()]
+            if not found:
+                raise UserError(f"{path} has no EMA weights ({', '.join(EMA_NAMES)}); fix: drop --ema, "
+                                "or pass the EMA checkpoint file with --model")
+            return found[0], path, "ema"
+        weights = path / WEIGHTS_NAME
+        if not weights.is_file():
+            candidates = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.pth"))
+            hint = f" (found {', '.join(c.name for c in candidates[:4])}; pass one of them)" if candidates else ""
+            raise UserError(f"{path} has no {WEIGHTS_NAME}{hint}; fix: pass the checkpoint file with --model NAME")
+        return weights, path, "final"
+    # A file: the run it belongs to still brings its training record along.
+    if metric_row == "best":
+        raise UserError("--metric-row best exports the run's best/ weights; fix: pass the run folder, "
+                        "or drop --metric-row best")
+    parent = path.parent
+    if parent.name in ("best", "ema") and path.name == WEIGHTS_NAME and _is_run(parent.parent):
+        return path, parent.parent, parent.name
+    if _is_run(parent):
+        kind = {WEIGHTS_NAME: "final", **{n: "ema" for n in EMA_NAMES if "/" not in n}}.get(path.name, "file")
+        return path, parent, "file" if ema and kind == "final" else kind  # --ema on a raw file: unknown epoch
+    for up in (parent.parent, parent.parent.parent):  # RUN/checkpoints/FILE, RUN/checkpoints/ckpt_N/FILE
+        if "checkpoints" in (parent.name, parent.parent.name) and _is_run(up):
+            return path, up, "file"
+    return path, None, "file"
+
+
+def resolve_source(path: Union[str, Path], ema: bool = False, report: Optional[Union[str, Path]] = None,
+                   metric_row: str = "last") -> RunSource:
+    """Locate the weights and the training record of a run folder (or its ``best/``, ``ema/``), export or file.
+
+    ``metric_row='best'`` picks the run's ``best/`` weights, so the best epoch's metrics describe what is shipped.
+    """
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist; fix: pass a training run folder or a checkpoint file")
-    if path.is_dir():
-        run_dir = path
-        if ema:
-            found = [run_dir / n for n in EMA_NAMES if (run_dir / n).is_file()]
-            if not found:
-                raise UserError(f"{run_dir} has no EMA weights ({', '.join(EMA_NAMES)}); fix: drop --ema, "
-                                "or pass the EMA checkpoint file with --model")
-            weights = found[0]
-        else:
-            weights = run_dir / WEIGHTS_NAME
-            if not weights.is_file():
-                candidates = sorted(run_dir.glob("*.safetensors")) + sorted(run_dir.glob("*.pth"))
-                hint = f" (found {', '.join(c.name for c in candidates[:4])}; pass one of them)" if candidates else ""
-                raise UserError(f"{run_dir} has no {WEIGHTS_NAME}{hint}; fix: pass the checkpoint file "
-                                "with --model NAME")
-    else:
-        weights, run_dir = path, None
-        # A checkpoint inside a run folder still brings its training record along.
-        if (path.parent / "args.yaml").is_file():
-            run_dir = path.parent
-        elif path.parent.name == "checkpoints" and (path.parent.parent / "args.yaml").is_file():
-            run_dir = path.parent.parent
-    source = RunSource(weights=weights, run_dir=run_dir, ema=ema)
+    weights, run_dir, kind = _locate(path, ema, metric_row)
+    if not weights.is_file():
+        raise UserError(f"{weights.parent} has no {weights.name}; fix: pass a folder or file that holds weights")
+    source = RunSource(weights=weights, run_dir=run_dir, kind=kind, weights_dir=weights.parent,
+                       ema=ema or kind == "ema")
     if run_dir is not None:
         if (run_dir / "args.yaml").is_file():
             source.args = _read_yaml(run_dir / "args.yaml")
         if (run_dir / "summary.csv").is_file():
             source.summary = read_summary(run_dir / "summary.csv")
-        if (run_dir / "config.json").is_file():
-            source.config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-        if (run_dir / RECORD_NAME).is_file():
-            source.record = json.loads((run_dir / RECORD_NAME).read_text(encoding="utf-8"))
+        if kind == "export":
+            source.record = _read_json(run_dir / RECORD_NAME)
+            source.ema = source.record.get("weights") == "ema"
         source.report_dir = _find_report(run_dir)
+    for folder in (source.weights_dir, run_dir):
+        if folder is not None and (folder / "config.json").is_file():
+            source.config = _read_json(folder / "config.json")
+            break
     if report is not None:
         report = Path(report)
         if report.is_file():
@@ -236,48 +296,103 @@ def _float(value: Any) -> Optional[float]:
 
 
 def pick_metrics(summary: List[Dict[str, str]], ema: bool = False, row: str = "last") -> Optional[Dict[str, Any]]:
-    """Top-1/top-5 from summary.csv: the ``last`` epoch (the exported weights) or the ``best`` top-1 epoch."""
+    """Top-1/top-5 from summary.csv: the ``last`` epoch or the ``best`` raw top-1 epoch (the trainer's ``best/``).
+
+    ``ema`` reads the EMA columns (``ema_top1``...) and nothing else: raw-model numbers never describe EMA weights.
+    """
     if not summary:
         return None
     cols = list(summary[0].keys())
 
-    def col(metric: str) -> Optional[str]:
+    def col(metric: str, want_ema: bool) -> Optional[str]:
         names = [c for c in cols if metric in c.replace("acc1", "top1").replace("acc5", "top5")]
-        ema_names = [c for c in names if "ema" in c]
-        plain = [c for c in names if "ema" not in c]
-        preferred = (ema_names or plain) if ema else plain
+        preferred = [c for c in names if ("ema" in c) == want_ema]
         for prefix in ("eval_", "val_", ""):
             for c in preferred:
                 if c.startswith(prefix):
                     return c
         return None
 
-    top1, top5 = col("top1"), col("top5")
+    top1, top5 = col("top1", ema), col("top5", ema)
+    raw_top1 = col("top1", False)
     if top1 is None:
         return None
     rows = [r for r in summary if _float(r.get(top1)) is not None]
     if not rows:
         return None
-    chosen = max(rows, key=lambda r: _float(r[top1])) if row == "best" else rows[-1]
+    if row == "best":
+        # the trainer keeps the first epoch with the highest raw top-1
+        ranked = [r for r in rows if _float(r.get(raw_top1)) is not None]
+        chosen = max(ranked, key=lambda r: _float(r[raw_top1])) if ranked else rows[-1]
+    else:
+        chosen = rows[-1]
     return {"epoch": chosen.get("epoch"), "top1": _float(chosen[top1]),
             "top5": _float(chosen.get(top5)) if top5 else None, "top1_column": top1, "top5_column": top5,
             "row": row}
 
 
-def run_metrics(source: RunSource, metric_row: str = "last") -> Optional[Dict[str, Any]]:
-    """The metrics a card shows: summary.csv's chosen row, else those an earlier export recorded."""
-    return pick_metrics(source.summary, ema=source.ema, row=metric_row) or source.record.get("metrics") or None
+def run_metrics(source: RunSource) -> Optional[Dict[str, Any]]:
+    """Metrics measured on exactly the weights being exported, or None.
+
+    ``final``/``ema``: the last summary.csv row (EMA columns for EMA weights); ``best``: the best row;
+    an earlier export: what it recorded; any other checkpoint: nothing (no row describes it).
+    """
+    if source.kind == "export":
+        return source.record.get("metrics") or None
+    if source.kind in ("final", "ema"):
+        return pick_metrics(source.summary, ema=source.kind == "ema", row="last")
+    if source.kind == "best":
+        return pick_metrics(source.summary, row="best")
+    return None
 
 
-def teacher_of(args: Dict[str, Any], record: Dict[str, Any]) -> Tuple[Optional[str], Optional[str]]:
-    """(teacher model name, pretrained tag) from args.yaml, or an earlier export's record."""
-    if record.get("teacher"):
-        return record["teacher"].get("name"), record["teacher"].get("tag")
+def _teacher_used(args: Dict[str, Any]) -> bool:
+    """Whether the run had a teacher: our trainer builds one only for a soft-KD or feature loss."""
+    if "distill_loss_weight" in args or "feat_loss" in args:
+        soft = (_float(args.get("distill_loss_weight")) or 0.0) > 0
+        feat = str(args.get("feat_loss") or "none") != "none" and (_float(args.get("feat_weight")) or 0.0) > 0
+        return soft or feat
+    return _first(args, "kd_model_name", "teacher", "teacher_model", "teacher_name") is not None
+
+
+def teacher_of(args: Dict[str, Any], record: Dict[str, Any]) -> Optional[Dict[str, Optional[str]]]:
+    """The teacher as ``{"name", "tag", "checkpoint"}`` from args.yaml (or an earlier export's record); None if none.
+
+    A teacher loaded from ``--kd-checkpoint`` is named by that checkpoint: the architecture in the folder's
+    config.json (or ``--kd-model-name`` for a weights file) and the checkpoint's file or folder name.
+    """
+    if "teacher" in record:
+        return record["teacher"] or None
+    if not _teacher_used(args):
+        return None
     name = _first(args, "kd_model_name", "teacher", "teacher_model", "teacher_name")
     tag = _first(args, "kd_model_tag", "teacher_tag", "teacher_pretrained_tag")
-    if isinstance(name, str) and "." in name and tag is None:
+    checkpoint = _first(args, "kd_checkpoint", "teacher_checkpoint")
+    if checkpoint is not None:
+        folder = Path(str(checkpoint))
+        config = folder / "config.json"
+        if folder.is_dir() and config.is_file():
+            name = _read_json(config).get("architecture") or name
+        # the weights are the checkpoint's, not the timm tag's: the tag a name may carry does not apply
+        path = Path(str(checkpoint))
+        # a weights file is known by its folder too (``run/model.safetensors``), a folder by its name
+        tag, checkpoint = None, path.name if folder.is_dir() else "/".join(path.parts[-2:])
+    if name is None:
+        return {"name": "unknown architecture", "tag": None, "checkpoint": checkpoint} if checkpoint else None
+    name = cards.short_name(str(name))
+    if "." in name and tag is None and checkpoint is None:
         name, tag = name.split(".", 1)
-    return name, tag
+    elif "." in name and checkpoint is not None:
+        name = name.split(".", 1)[0]
+    return {"name": name, "tag": tag, "checkpoint": checkpoint}
+
+
+def teacher_label(teacher: Optional[Dict[str, Optional[str]]]) -> Optional[str]:
+    """``name.tag``, or ``name`` with the checkpoint it was loaded from."""
+    if not teacher:
+        return None
+    label = f"{teacher['name']}.{teacher['tag']}" if teacher.get("tag") else str(teacher["name"])
+    return f"{label} (weights: {teacher['checkpoint']})" if teacher.get("checkpoint") else label
 
 
 def _dataset(args: Dict[str, Any], num_classes: int) -> Tuple[str, str]:
@@ -295,19 +410,35 @@ def _dataset(args: Dict[str, Any], num_classes: int) -> Tuple[str, str]:
     return low.replace(" ", "-"), text
 
 
-def recipe_rows(args: Dict[str, Any], teacher: Optional[str]) -> List[Tuple[str, Any]]:
+def _num_processes(source: "RunSource") -> Optional[int]:
+    """Processes the run trained on: args.yaml if it says, else what our trainer stamps into its weights."""
+    value = _first(source.args, "num_processes", "world_size")
+    if value is None and source.weights.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(source.weights), framework="pt") as f:
+            value = (f.metadata() or {}).get("num_processes")
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def recipe_rows(args: Dict[str, Any], teacher: Optional[str],
+                num_processes: Optional[int] = None) -> List[Tuple[str, Any]]:
     """The card's training-recipe table, from whatever of the known arg names the run recorded."""
     rows: List[Tuple[str, Any]] = [("teacher", f"`{teacher}`" if teacher else "none")]
-    known = [
+    kd = [
+        ("distillation type", ("distillation_type",)),
         ("soft-KD weight a", ("kd_alpha", "alpha", "soft_kd_weight", "distill_loss_weight", "kd_weight")),
         ("temperature tau", ("kd_temperature", "tau", "temperature")),
         ("feature loss", ("feature_loss", "feat_loss", "kd_feature_loss", "feat_loss_type")),
         ("feature weight l_feat", ("feat_weight", "l_feat", "feature_loss_weight", "feat_loss_weight",
                                    "kd_feat_weight")),
+    ]
+    known = [
         ("label smoothing", ("smoothing", "label_smoothing")),
         ("epochs", ("epochs",)),
-        ("batch size", ("batch_size", "b", "global_batch_size")),
-        ("grad accumulation", ("grad_accum_steps",)),
         ("optimizer", ("opt", "optimizer")),
         ("lr", ("lr", "learning_rate")),
         ("weight decay", ("weight_decay",)),
@@ -315,14 +446,47 @@ def recipe_rows(args: Dict[str, Any], teacher: Optional[str]) -> List[Tuple[str,
         ("warmup epochs", ("warmup_epochs",)),
         ("min lr", ("min_lr",)),
         ("drop path", ("drop_path", "drop_path_rate")),
-        ("EMA decay", ("model_ema_decay", "ema_decay")),
         ("seed", ("seed",)),
-        ("init", ("initial_checkpoint", "init_checkpoint", "pretrained_student", "init")),
     ]
-    for label, keys in known:
+    if str(_first(args, *kd[3][1], default="")).lower() == "none":
+        kd = kd[:3]  # no feature loss: its weight is meaningless
+    for label, keys in (kd if teacher else []) + known[:2]:
         value = _first(args, *keys)
         if value is not None:
             rows.append((label, value))
+    rows += _batch_rows(args, num_processes)
+    for label, keys in known[2:]:
+        value = _first(args, *keys)
+        if value is not None:
+            rows.append((label, value))
+    ema_on = args.get("model_ema", True)  # other trainers may record only a decay
+    decay = _first(args, "model_ema_decay", "ema_decay")
+    if ema_on and decay is not None:
+        rows.append(("EMA decay", decay))
+    init = _first(args, "initial_checkpoint", "init_checkpoint", "pretrained_student", "init")
+    if init is not None:
+        rows.append(("init", cards.short_name(str(init))))
+    return rows
+
+
+def _batch_rows(args: Dict[str, Any], num_processes: Optional[int]) -> List[Tuple[str, Any]]:
+    """The global batch (per process x processes x accumulation) when the process count is known."""
+    global_batch = _first(args, "global_batch_size")
+    per_process = _first(args, "batch_size", "b")
+    accum = int(_first(args, "grad_accum_steps", default=1))
+    if global_batch is not None:
+        return [("global batch", global_batch)]
+    if per_process is None:
+        return []
+    if num_processes is None:
+        rows = [("batch per process", per_process), ("processes", "not recorded")]
+    else:
+        total = int(per_process) * num_processes * accum
+        parts = [f"{per_process} per process", f"{num_processes} process{'es' if num_processes != 1 else ''}"]
+        rows = [("global batch", f"{total} ({' x '.join(parts + [f'{accum} accumulation steps'])})"
+                 if accum != 1 else f"{total} ({' x '.join(parts)})")]
+    if accum != 1 and num_processes is None:
+        rows.append(("grad accumulation", accum))
     return rows
 
 
@@ -337,51 +501,75 @@ def _base_model(args: Dict[str, Any], model: nn.Module) -> Optional[str]:
     return cards.DEIT_BASES.get(int(model.patch_embed.proj.out_channels))
 
 
+_KIND_NOTES = {
+    "final": "raw weights after the last epoch",
+    "best": "raw weights of the best epoch (highest evaluation top-1)",
+    "ema": "EMA weights after the last epoch",
+}
+
+
 def run_card_info(model: nn.Module, name: str, kwargs: Dict[str, Any], source: RunSource, *,
-                  repo_id: Optional[str] = None, metric_row: str = "last",
-                  report_folder: str = REPORT_FOLDER) -> cards.CardInfo:
+                  repo_id: Optional[str] = None, report_folder: str = REPORT_FOLDER) -> cards.CardInfo:
     """Card content for a trained model; every number comes from the run's files or the model itself.
 
     ``report_folder`` is where the card links the SEP report (and its figure) from.
     """
     args = source.args
+    # a model created from ``local-dir:/path`` or ``hf-hub:org/x`` is shown by its architecture, not the path
+    name = str(getattr(model, "pretrained_cfg", {}).get("architecture") or cards.short_name(name))
     family, paragraph = cards.describe_family(model, name)
-    teacher_name, teacher_tag = teacher_of(args, source.record)
-    teacher = f"{teacher_name}.{teacher_tag}" if teacher_name and teacher_tag else teacher_name
+    teacher_info = teacher_of(args, source.record)
+    teacher = teacher_label(teacher_info)
     dataset_id, dataset_label = _dataset(args, int(model.num_classes))
-    metrics = run_metrics(source, metric_row)
+    metrics = run_metrics(source)
     eval_split = str(_first(args, "val_split", "eval_split", default="validation"))
+    weights_kind = "EMA" if source.ema else "raw"
     results = []
     if metrics is not None:
-        results.append(cards.ResultRow(f"this model ({'EMA' if source.ema else 'raw'} weights)",
-                                       f"{dataset_label} {eval_split}", metrics.get("epoch"), metrics.get("top1"),
-                                       metrics.get("top5")))
+        results.append(cards.ResultRow(f"this model ({weights_kind} weights)", f"{dataset_label} {eval_split}",
+                                       metrics.get("epoch"), metrics.get("top1"), metrics.get("top5")))
     ref = repo_id or source.record.get("repo_id") or cards.PLACEHOLDER_REPO
     stats = cards.model_stats(model)
     title = repo_id.split("/")[-1] if repo_id else (str(_first(args, "experiment", default="")) or
                                                     (source.run_dir.name if source.run_dir else name))
-    title = title.replace("/", "-")  # nested experiment folders; a Hub model name has no slash
+    title = cards.short_name(title).replace("/", "-")  # nested experiment folders; a Hub model name has no slash
     epochs = _first(args, "epochs")
     summary = (f"A {family} student (`{name}`) " + (f"distilled from `{teacher}` " if teacher else "trained ")
                + f"on {dataset_label}" + (f" for {epochs} epochs" if epochs else "")
                + " with `timm-widelast` (arXiv 2511.15572).")
-    intro = ("Measured by this run's evaluation (`summary.csv`, column "
-             f"`{metrics['top1_column']}`, {metrics['row']} epoch)." if metrics and "top1_column" in metrics
-             else "Measured by this run's evaluation." if metrics else
-             "The run recorded no evaluation (no `summary.csv` with top-1); no result is claimed.")
+    if metrics and "top1_column" in metrics:
+        intro = (f"Measured by this run's evaluation of the exported weights (`summary.csv`, column "
+                 f"`{metrics['top1_column']}`, {'best' if metrics['row'] == 'best' else 'last'} epoch).")
+    elif metrics:
+        intro = "Measured by this run's evaluation of the exported weights."
+    elif source.kind == "file" and source.summary:
+        intro = (f"`{source.weights.name}` is not one of the weights the run evaluated (final, `best/`, `ema/`); "
+                 "no result is claimed.")
+    else:
+        intro = "The run recorded no evaluation of these weights (no `summary.csv` with top-1); no result is claimed."
+    if source.kind in _KIND_NOTES:
+        rel = source.weights.relative_to(source.run_dir).as_posix() if source.run_dir else source.weights.name
+        weights_note = f"{_KIND_NOTES[source.kind]}, from the run's `{rel}`"
+    else:
+        weights_note = f"{weights_kind} weights from `{source.weights.name}`"
+    teacher_name = str((teacher_info or {}).get("name") or "")
     model_args = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg_overlay",)}
     return cards.CardInfo(
         title=title, architecture=name, model_args=model_args, stats=stats, num_features=int(model.num_features),
         feature_dims=cards.feature_dims(model), family=family, family_paragraph=paragraph, dataset_id=dataset_id,
-        dataset_label=dataset_label, eval_split=eval_split, results=results, recipe=recipe_rows(args, teacher),
+        dataset_label=dataset_label, eval_split=eval_split, results=results,
+        recipe=recipe_rows(args, teacher, _num_processes(source)),
         model_ref=f"hf-hub:{ref}", pretrained=True, summary=summary, teacher=teacher,
         base_model=_base_model(args, model), show_paper_table=dataset_id == "imagenet-1k",
-        weights_note=f"{'EMA' if source.ema else 'raw'} weights from `{source.weights.name}`",
+        weights_note=weights_note,
         usage_note=None if repo_id else (f"{cards.NOTE_START}The snippets name a placeholder repo, "
                                          f"`{cards.PLACEHOLDER_REPO}`; `timm-widelast push` fills in the real one. "
                                          f"A local copy loads with `'local-dir:/path/to/export'`.{cards.NOTE_END}"),
         results_intro=intro,
         sep=_sep_section(source.report_dir, report_folder) if source.report_dir is not None else None,
+        cite_deit=cards.is_deit_sized(model) or cards.is_timm_deit(teacher_name),
+        cite_cait="cait" in teacher_name.lower(),
+        num_classes=int(model.num_classes),
     )
 
 
@@ -439,18 +627,71 @@ def _check_roundtrip(model: nn.Module, folder: Path) -> None:
             raise RuntimeError("exported folder does not reproduce the model's logits")
 
 
+# an absolute (or ~/) path: not inside a URL, a relative path or a closing HTML tag
+_ABS_PATH = re.compile(r"(?:(?<=local-dir:)|(?<![\w.:/~<-]))~?/[^\s'\"`|()\[\]<>,;]+")
+
+
+def portable(text: str) -> str:
+    """``text`` with absolute local paths cut to their last part (``/home/me/data/imagenet`` -> ``imagenet``).
+
+    Exports are made to be published: the publisher's folder layout is nobody's business, and a
+    reader cannot use it anyway. URLs and relative paths are kept.
+    """
+    return _ABS_PATH.sub(lambda m: Path(m.group(0).rstrip("/")).name or m.group(0), text)
+
+
+def portable_value(value: Any) -> Any:
+    """:func:`portable` applied to every string in a (nested) mapping or list, e.g. args.yaml."""
+    if isinstance(value, str):
+        return portable(value)
+    if isinstance(value, dict):
+        return {k: portable_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable_value(v) for v in value]
+    return value
+
+
+def portable_file(path: Path, data: bytes) -> bytes:
+    """A text file of the export (args.yaml, a SEP report's .json/.md) without absolute local paths."""
+    if path.suffix in (".yaml", ".yml"):
+        return yaml.safe_dump(portable_value(yaml.safe_load(data) or {}), sort_keys=False).encode("utf-8")
+    if path.suffix in (".json", ".md", ".txt", ".csv"):
+        return portable(data.decode("utf-8")).encode("utf-8")
+    return data
+
+
+def _write_error(out: Path, err: OSError) -> UserError:
+    """One line for a failed write: what happened to which folder, and that nothing was changed there."""
+    if err.errno == errno.ENOSPC:
+        return UserError(f"no space left on device while writing the export next to {out} (nothing was "
+                         "changed there); fix: free some space or choose another --out")
+    if err.errno == errno.EROFS:
+        return UserError(f"cannot write {out}: read-only file system; fix: choose a writable --out")
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return UserError(f"cannot write {out}: permission denied; fix: choose a folder you can write to for --out")
+    if err.errno == errno.ENOTDIR or isinstance(err, (FileExistsError, NotADirectoryError)):
+        return UserError(f"cannot create {out}: a part of its path is a file; fix: choose another --out")
+    return UserError(f"cannot write {out} ({err.strerror or err}); fix: choose another --out")
+
+
 def export(source_path: Union[str, Path], out: Union[str, Path], *, ema: bool = False,
            model_name: Optional[str] = None, model_kwargs: Optional[Dict[str, Any]] = None,
            report: Optional[Union[str, Path]] = None, label_names: Optional[Union[str, Path]] = None,
            repo_id: Optional[str] = None, metric_row: str = "last", overwrite: bool = False) -> Path:
-    """Write a Hub-ready export of a run folder or checkpoint to ``out`` (atomically); returns ``out``."""
-    from timm.models._hub import save_for_hf
+    """Write a Hub-ready export of a run folder or checkpoint to ``out`` (atomically); returns ``out``.
+
+    ``metric_row='best'`` exports the run's ``best/`` weights (with the best epoch's metrics); the
+    default exports the final weights with the last epoch's metrics. A card never pairs the numbers
+    of one set of weights with another.
+    """
+    from safetensors.torch import save as safetensors_bytes
+    from timm.models._hub import save_config_for_hf
 
     out = Path(out).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UserError(f"{out} already exists; fix: choose another --out or pass --overwrite")
-    source = resolve_source(source_path, ema=ema, report=report)
-    if source.run_dir is not None and source.run_dir.absolute() == out:
+    source = resolve_source(source_path, ema=ema, report=report, metric_row=metric_row)
+    if source.run_dir is not None and out in (source.run_dir.absolute(), source.weights.parent.absolute()):
         raise UserError("--out is the source folder; fix: export to a new folder")
     model, name, kwargs = build_model(source, model_name, model_kwargs)
 
@@ -462,44 +703,54 @@ def export(source_path: Union[str, Path], out: Union[str, Path], *, ema: bool = 
         model_config["label_names"] = labels
     # The registry's default tag names the authors' release; an export is its own weights.
     tag = (repo_id.split("/")[-1] if repo_id else out.name).replace(" ", "_")
-    model_config["pretrained_cfg"] = {"tag": tag, "origin_url": cards.PAPER_URL}
+    model_config["pretrained_cfg"] = {"tag": tag}
     if source.config.get("pretrained_cfg"):
         keep = ("mean", "std", "crop_pct", "crop_mode", "interpolation")
         model_config["pretrained_cfg"].update({k: v for k, v in source.config["pretrained_cfg"].items() if k in keep})
+    info = run_card_info(model, name, kwargs, source, repo_id=repo_id)
+    teacher = teacher_of(source.args, source.record)
+    record = {
+        "format": "timm-widelast/export/v1",
+        "architecture": name,
+        "weights": "ema" if source.ema else "raw",
+        "selection": source.record.get("selection") if source.kind == "export" else source.kind,
+        "source_weights": source.weights.name,
+        "teacher": teacher,
+        "metrics": run_metrics(source),
+        "dataset": info.dataset_id,
+        "repo_id": repo_id or cards.PLACEHOLDER_REPO,
+        "stats": {"params_m": info.stats.params_m, "gmacs": info.stats.gmacs,
+                  "activations_m": info.stats.activations_m, "img_size": info.stats.img_size},
+    }
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True,
-                    data_config=_data_config(source.args) or None)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as err:
+        raise _write_error(out, err) from err
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        (tmp / WEIGHTS_NAME).write_bytes(safetensors_bytes(state))
+        save_config_for_hf(model, str(tmp / "config.json"), model_config=model_config,
+                           data_config=_data_config(source.args) or None)
         if source.report_dir is not None:
             dest = tmp / REPORT_FOLDER
             dest.mkdir()
             for item in sorted(source.report_dir.iterdir()):
                 if item.is_file() and item.suffix in (".json", ".md", ".png", ".csv", ".txt"):
-                    shutil.copy2(item, dest / item.name)
-        if source.run_dir is not None:
-            for fname in ("args.yaml", "summary.csv"):
-                if (source.run_dir / fname).is_file():
-                    shutil.copy2(source.run_dir / fname, tmp / fname)
-        info = run_card_info(model, name, kwargs, source, repo_id=repo_id, metric_row=metric_row)
+                    (dest / item.name).write_bytes(portable_file(item, item.read_bytes()))
+        if source.args:
+            (tmp / "args.yaml").write_text(yaml.safe_dump(portable_value(source.args), sort_keys=False),
+                                           encoding="utf-8")
+        if source.run_dir is not None and (source.run_dir / "summary.csv").is_file():
+            shutil.copyfile(source.run_dir / "summary.csv", tmp / "summary.csv")
         (tmp / "README.md").write_text(str(cards.render_card(info)) + "\n", encoding="utf-8")
-        teacher_name, teacher_tag = teacher_of(source.args, source.record)
-        record = {
-            "format": "timm-widelast/export/v1",
-            "architecture": name,
-            "weights": "ema" if ema else "raw",
-            "source_weights": source.weights.name,
-            "teacher": {"name": teacher_name, "tag": teacher_tag} if teacher_name else None,
-            "metrics": run_metrics(source, metric_row),
-            "dataset": info.dataset_id,
-            "repo_id": repo_id or cards.PLACEHOLDER_REPO,
-            "stats": {"params_m": info.stats.params_m, "gmacs": info.stats.gmacs,
-                      "activations_m": info.stats.activations_m, "img_size": info.stats.img_size},
-        }
         (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2), encoding="utf-8")
         _check_roundtrip(model, tmp)
         _replace_dir(tmp, out)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(out, err) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 from ..errors import UserError
 from . import cards
-from .export import RECORD_NAME, check_export
+from .export import RECORD_NAME, REPORT_FOLDER, check_export, portable_file
 
 DEFAULT_MESSAGE = "Add timm-widelast model"
 # Never uploaded: editor/OS litter and anything hidden (e.g. a leftover temporary export).
@@ -27,14 +27,21 @@ class PushPlan:
     folder: Path
     repo_id: str
     files: List[Tuple[str, int]]  # (path in repo, size in bytes)
-    readme: Optional[bytes]  # README.md with the repo id filled in, when it differs from the file
+    rewritten: Dict[str, bytes] = field(default_factory=dict)  # uploaded instead of the file's own bytes
+    notes: Dict[str, str] = field(default_factory=dict)  # why a file was rewritten
+
+    @property
+    def readme(self) -> Optional[bytes]:
+        return self.rewritten.get("README.md")
 
 
 def _offline() -> bool:
     from huggingface_hub import constants
 
     env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return constants.is_offline_mode() or env.strip().upper() in ("1", "ON", "YES", "TRUE")
+    # is_offline_mode() appeared in huggingface_hub 1.x; older releases only have the constant
+    is_offline = getattr(constants, "is_offline_mode", lambda: bool(constants.HF_HUB_OFFLINE))
+    return is_offline() or env.strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
 def _validate_repo_id(repo_id: str) -> None:
@@ -51,18 +58,47 @@ def _validate_repo_id(repo_id: str) -> None:
                         "in ORG_OR_USER/NAME") from err
 
 
+def _check_results(folder: Path) -> None:
+    """Refuse a card whose model-index claims a number not measured on the folder's weights.
+
+    A result whose source is the paper is the paper's (other weights, unless these are the authors'
+    release), and every other result must be one the export recorded in training_record.json.
+    """
+    from huggingface_hub import ModelCard
+
+    results = ModelCard.load(folder / "README.md").data.eval_results or []
+    record_path = folder / RECORD_NAME
+    record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
+    measured = {v for k, v in (record.get("metrics") or {}).items() if k in ("top1", "top5") and v is not None}
+    for result in results:
+        value = result.metric_value
+        from_paper = cards.PAPER_URL in str(result.source_url or "") or "2511.15572" in str(result.source_name or "")
+        if from_paper or not any(abs(float(value) - m) < 1e-6 for m in measured):
+            origin = "the paper (arXiv 2511.15572)" if from_paper else "nowhere in training_record.json"
+            raise UserError(f"{folder}/README.md reports {result.metric_name} {value} from {origin}, not measured "
+                            "on these weights; fix: regenerate the card with `timm-widelast export RUN --out DIR`, "
+                            "which reports only the run's own evaluation")
+
+
 def plan_push(folder: Union[str, Path], repo_id: str) -> PushPlan:
-    """Check the folder and repo id, and list what would be uploaded (no network)."""
+    """Check the folder, its card and the repo id, and list what would be uploaded (no network)."""
     folder = Path(folder)
     check_export(folder)
     _validate_repo_id(repo_id)
-    files = []
+    _check_results(folder)
+    plan = PushPlan(folder, repo_id, [])
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
         if not path.is_file() or path.name in _SKIP_NAMES or any(p.startswith(".") for p in rel.parts):
             continue
-        files.append((rel.as_posix(), path.stat().st_size))
-    readme = None
+        plan.files.append((rel.as_posix(), path.stat().st_size))
+        if rel.as_posix() == "args.yaml" or rel.parts[0] == REPORT_FOLDER:
+            # an export made before paths were cut (or copied by hand) must not publish the local layout
+            data = path.read_bytes()
+            clean = portable_file(path, data)
+            if clean != data:
+                plan.rewritten[rel.as_posix()] = clean
+                plan.notes[rel.as_posix()] = "local paths removed"
     record_path = folder / RECORD_NAME
     if record_path.is_file():
         carded = json.loads(record_path.read_text(encoding="utf-8")).get("repo_id")
@@ -73,8 +109,9 @@ def plan_push(folder: Union[str, Path], repo_id: str) -> PushPlan:
             new = re.sub(re.escape(cards.NOTE_START) + ".*?" + re.escape(cards.NOTE_END) + r"\n*", "", new,
                          flags=re.S)
             if new != text:
-                readme = new.encode("utf-8")
-    return PushPlan(folder, repo_id, files, readme)
+                plan.rewritten["README.md"] = new.encode("utf-8")
+                plan.notes["README.md"] = "repo id filled in"
+    return plan
 
 
 def _one_line(err: Exception) -> str:
@@ -86,7 +123,6 @@ def push(folder: Union[str, Path], repo_id: str, *, token: Optional[str] = None,
          revision: Optional[str] = None, create_pr: bool = False, commit_message: Optional[str] = None,
          dry_run: bool = False) -> Union[PushPlan, str]:
     """Upload an export as one commit; returns the plan on ``dry_run``, else the commit (or PR) URL."""
-    import httpx2
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
@@ -102,8 +138,8 @@ def push(folder: Union[str, Path], repo_id: str, *, token: Optional[str] = None,
     api = HfApi(token=token, library_name="timm", library_version=_timm_version())
     operations = []
     for rel, _size in plan.files:
-        if rel == "README.md" and plan.readme is not None:
-            operations.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=plan.readme))
+        if rel in plan.rewritten:
+            operations.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=plan.rewritten[rel]))
         else:
             operations.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(plan.folder / rel)))
     message = commit_message or DEFAULT_MESSAGE
@@ -121,9 +157,22 @@ def push(folder: Union[str, Path], repo_id: str, *, token: Optional[str] = None,
                403: "use a token with write access to this namespace",
                404: "check the repo id and --revision"}.get(status, "check the repo id, token and permissions")
         raise UserError(f"the Hub refused the upload (HTTP {status}: {_one_line(err)}); fix: {fix}") from err
-    except (httpx2.TransportError, OSError) as err:
+    except (*_transport_errors(), OSError) as err:
         raise UserError(f"cannot reach the Hub ({_one_line(err)}); fix: check the network / HF_ENDPOINT") from err
     return info.pr_url or info.commit_url
+
+
+def _transport_errors() -> Tuple[type, ...]:
+    """Network failures of the HTTP stack huggingface_hub uses: httpx2 (2.x), httpx (1.x) or requests (0.x)."""
+    from huggingface_hub.utils import _http
+
+    for name in ("httpx2", "httpx"):
+        module = getattr(_http, name, None)
+        if module is not None:
+            return (module.TransportError,)
+    import requests
+
+    return (requests.ConnectionError, requests.Timeout)
 
 
 def _timm_version() -> str:

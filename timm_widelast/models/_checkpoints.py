@@ -5,22 +5,30 @@ Three layouts are understood, whatever file they come in:
 * ours (what ``state_dict()`` gives, and what we export);
 * the authors' release: DeiT-style ``.pth`` dicts (``{'model', 'model_ema', ...,
   'args': argparse.Namespace}``). Their WideLast keys already match ours; their
-  Lift keys wrap a whole timm DeiT in ``base_model.`` and keep the projector as
-  ``projections.{i}`` / ``layer_norms.{i}``;
+  Lift keys wrap a whole timm DeiT in ``base_model.`` and keep the projectors as
+  ``projections.{i}`` / ``layer_norms.{i}`` (0-based block index; the last block's is our
+  ``lift_proj``/``lift_norm``, earlier ones our ``lift_projs.{i}``/``lift_norms.{i}``);
 * a plain narrow timm ViT (e.g. ``deit_tiny_patch16_224``): a warm start where every
   narrow tensor that fits is loaded and only the new wide parts stay freshly
   initialised.
+
+Whatever the layout, a model built with ``num_classes=0`` drops the checkpoint's classifier
+(as timm's own ViTs do), and another class count re-initialises only the classifier.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
+import urllib.error
 from pathlib import Path
-from typing import Dict, List, Tuple, Union
+from typing import Any, Dict, List, Tuple, Union
 
 import torch
 from torch import nn
+
+from ..errors import UserError
 
 _logger = logging.getLogger(__name__)
 
@@ -31,6 +39,49 @@ _TRAINING_ONLY_PREFIXES = ("teacher.", "teacher_model.", "feature_projector.", "
 
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint's keys or shapes do not fit the model."""
+
+
+class PretrainedWeightsUnavailable(UserError, RuntimeError):
+    """``pretrained=True`` could not fetch the weights (offline, no network, not in the local cache)."""
+
+    @classmethod
+    def for_cfg(cls, cfg: Dict[str, Any], variant: str, err: BaseException) -> "PretrainedWeightsUnavailable":
+        """The message names the source, the reason and the local-file overlay that loads a downloaded copy."""
+        repo, filename = cfg.get("hf_hub_id") or "", cfg.get("hf_hub_filename") or "model.safetensors"
+        tag = f"{variant}.{cfg['tag']}" if cfg.get("tag") else variant
+        source = f"the Hugging Face Hub ({repo}, file {filename})" if repo else (cfg.get("url") or "its url")
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        reason = ("HF_HUB_OFFLINE is set and the file is not in the local cache" if offline
+                  else f"the download failed and the file is not in the local cache ({_first_line(err)})")
+        custom = ", custom_load=True" if not filename.endswith(".safetensors") else ""
+        fetch = f"`hf download {repo} {filename} --local-dir DIR`" if repo else f"downloading {source}"
+        return cls(
+            f"cannot get the pretrained weights of {tag} from {source}: {reason}; fix: fetch the file where "
+            f"there is network ({fetch}), then load it with timm.create_model('{tag}', pretrained=True, "
+            f"pretrained_cfg_overlay=dict(file='DIR/{filename}'{custom})), or use pretrained=False"
+        )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def is_download_failure(err: BaseException) -> bool:
+    """True when ``err`` (or what caused it) is the hub client or urllib failing to fetch a file."""
+    kinds: List[type] = [urllib.error.URLError]
+    try:
+        from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+        kinds += [LocalEntryNotFoundError, OfflineModeIsEnabled]
+    except ImportError:  # older huggingface_hub: no such module, nothing of it to recognise
+        pass
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, tuple(kinds)):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def load_release_checkpoint(path: Union[str, Path], use_ema: bool = False) -> Dict[str, torch.Tensor]:
@@ -68,8 +119,12 @@ def unwrap_state_dict(checkpoint: dict, use_ema: bool = False) -> Dict[str, torc
     return {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
 
 
-def _from_lift_release(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Rename the authors' Lift layout (``base_model.*``, ``projections.i``, ``layer_norms.i``) to ours."""
+def _from_lift_release(state_dict: Dict[str, torch.Tensor], depth: int) -> Dict[str, torch.Tensor]:
+    """Rename the authors' Lift layout (``base_model.*``, ``projections.i``, ``layer_norms.i``) to ours.
+
+    The release keys its projectors by 0-based block index; the last block's is our endpoint
+    (``lift_proj``/``lift_norm``), earlier ones are ``lift_projs.i``/``lift_norms.i``.
+    """
     renamed = {}
     for key, value in state_dict.items():
         if key.startswith("base_model."):
@@ -78,18 +133,24 @@ def _from_lift_release(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.T
             if inner.startswith(("norm.", "head.", "fc_norm.", "head_dist.")):
                 continue
             renamed[inner] = value
-        elif (match := re.match(r"projections\.\d+\.(.+)", key)) is not None:
-            renamed[f"lift_proj.{match.group(1)}"] = value
-        elif (match := re.match(r"layer_norms\.\d+\.(.+)", key)) is not None:
-            renamed[f"lift_norm.{match.group(1)}"] = value
+        elif (match := re.match(r"(projections|layer_norms)\.(\d+)\.(.+)", key)) is not None:
+            ours = "lift_proj" if match.group(1) == "projections" else "lift_norm"
+            block = int(match.group(2))
+            renamed[f"{ours}.{match.group(3)}" if block == depth - 1 else f"{ours}s.{block}.{match.group(3)}"] = value
         else:
             renamed[key] = value
     return renamed
 
 
+def _classifier_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    classifier = cfg.get("classifier") or "head"
+    return classifier if isinstance(classifier, str) else classifier[0]
+
+
 def _endpoint_keys(model: nn.Module) -> List[str]:
     """Keys that exist only in the widened endpoint; their absence marks a narrow (warm-start) checkpoint."""
-    return [k for k in model.state_dict() if k.startswith(("lift_proj.", "lift_norm.")) or ".proj_in." in k]
+    return [k for k in model.state_dict() if k.startswith(("lift_proj", "lift_norm")) or ".proj_in." in k]
 
 
 def _resample_pos_embed(value: torch.Tensor, model: nn.Module) -> torch.Tensor:
@@ -113,9 +174,13 @@ def convert_state_dict(
     """
     state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
     if any(k.startswith("base_model.") for k in state_dict):
-        state_dict = _from_lift_release(state_dict)
+        state_dict = _from_lift_release(state_dict, len(getattr(model, "blocks", ())))
     target = model.state_dict()
     state_dict = {k: v for k, v in state_dict.items() if k in target or not k.startswith(_TRAINING_ONLY_PREFIXES)}
+    classifier = _classifier_name(model)
+    if f"{classifier}.weight" not in target:
+        # num_classes=0 (an embedding model): drop the trained classifier, as timm's own ViTs do.
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(f"{classifier}.")}
     pos_embed = state_dict.get("pos_embed")
     if pos_embed is not None and "pos_embed" in target and pos_embed.shape != target["pos_embed"].shape:
         state_dict["pos_embed"] = _resample_pos_embed(state_dict["pos_embed"], model)
@@ -130,7 +195,7 @@ def convert_state_dict(
     unexpected = sorted(k for k in state_dict if k not in target)
     missing = sorted(k for k in target if k not in state_dict)
 
-    classifier_keys = {"head.weight", "head.bias"}
+    classifier_keys = {f"{classifier}.weight", f"{classifier}.bias"}
     if warm_start:
         # A narrow ViT: keep what fits; its narrow final norm and head have no place here.
         fresh = sorted(set(target) - set(fitting))

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Set, Tuple, Union
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg
+from timm.models._builder import resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -62,6 +63,11 @@ class EndpointForwardMixin:
     def _endpoint(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @torch.jit.unused
+    def _after_block(self, index: int, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Called after each block (not under TorchScript); Lift computes its side projectors here."""
+        return None
+
     @torch.jit.ignore
     def load_pretrained(self, checkpoint_path: str, prefix: str = "") -> None:
         """Load a checkpoint file in any supported layout (authors' ``.pth``, timm DeiT, ours)."""
@@ -97,6 +103,8 @@ class EndpointForwardMixin:
         intermediates = []
         for i, block in enumerate(blocks):
             x = block(x)
+            if not torch.jit.is_scripting():
+                self._after_block(i, x)
             if i in take_indices:
                 intermediates.append(self._maybe_norm(x) if norm else x)
 
@@ -114,18 +122,29 @@ class EndpointForwardMixin:
 
 
 def create_student(model_cls: type, variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
-    """timm's builder with our checkpoint filter and the getter-based ``features_only`` support."""
-    from ._checkpoints import student_filter_fn
+    """timm's builder with our checkpoint filter and the getter-based ``features_only`` support.
+
+    A pretrained download that fails (offline, no network, not cached) raises
+    :class:`~timm_widelast.models._checkpoints.PretrainedWeightsUnavailable` saying how to
+    load a local copy, instead of the hub client's traceback.
+    """
+    from ._checkpoints import PretrainedWeightsUnavailable, is_download_failure, student_filter_fn
 
     out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        model_cls,
-        variant,
-        pretrained,
-        pretrained_filter_fn=student_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    try:
+        return build_model_with_cfg(
+            model_cls,
+            variant,
+            pretrained,
+            pretrained_filter_fn=student_filter_fn,
+            feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+            **kwargs,
+        )
+    except Exception as err:
+        if not (pretrained and is_download_failure(err)):
+            raise
+        cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+        raise PretrainedWeightsUnavailable.for_cfg(cfg.to_dict(), variant, err) from err
 
 
 def check_width_and_heads(name: str, width: int, heads: int) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Callable, List, Optional, Sequence
 
 import torch
-from timm.layers import LayerNorm
+from timm.layers import LayerNorm, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import nn
@@ -59,7 +59,7 @@ def _width_schedule(
         depth: int,
         num_heads: int,
         wide_dim: int,
-        wide_heads: int,
+        wide_heads: Optional[int],
         block_dims: Optional[Sequence[int]],
         block_heads: Optional[Sequence[int]],
 ) -> tuple[List[int], List[int]]:
@@ -82,12 +82,25 @@ def _width_schedule(
     return dims, heads
 
 
+def _heads_keeping_head_dim(wide_dim: int, embed_dim: int, num_heads: int) -> int:
+    """Heads for ``wide_dim`` at the narrow blocks' head dim (the release's ``heads_*`` schedules do this)."""
+    head_dim = embed_dim // num_heads
+    if wide_dim <= 0 or wide_dim % head_dim:
+        lower = wide_dim - wide_dim % head_dim
+        raise ValueError(
+            f"wide_dim {wide_dim} is not a multiple of the head dim {head_dim}; pass wide_heads explicitly "
+            f"(a divisor of {wide_dim}) or use a wide_dim in {[lower, lower + head_dim]}"
+        )
+    return wide_dim // head_dim
+
+
 class WideLastVisionTransformer(EndpointForwardMixin, VisionTransformer):
     """A ViT whose blocks may change width; by default only the last block is wider.
 
     Args:
         wide_dim: Width of the last block (the teacher's width; 384 for DeiT-Tiny students of CaiT-S24).
-        wide_heads: Attention heads of the last block (head dim ``wide_dim // wide_heads``).
+        wide_heads: Attention heads of the last block (default: keep the narrow blocks' head dim,
+            ``wide_dim // (embed_dim // num_heads)``, e.g. 6 for 384 and 4 for 256 on DeiT-Tiny).
         block_dims: Optional per-block widths for gradual schedules, e.g. ``[192] * 9 + [256, 320, 384]``.
         block_heads: Per-block heads, required with ``block_dims``.
         **kwargs: Everything ``timm.models.VisionTransformer`` accepts.
@@ -96,7 +109,7 @@ class WideLastVisionTransformer(EndpointForwardMixin, VisionTransformer):
     def __init__(
             self,
             wide_dim: int = 384,
-            wide_heads: int = 6,
+            wide_heads: Optional[int] = None,
             block_dims: Optional[Sequence[int]] = None,
             block_heads: Optional[Sequence[int]] = None,
             embed_dim: int = 192,
@@ -108,6 +121,8 @@ class WideLastVisionTransformer(EndpointForwardMixin, VisionTransformer):
     ) -> None:
         if global_pool in ("map", "prr"):
             raise ValueError(f"global_pool={global_pool!r} is not supported by WideLast; use 'token' or 'avg'")
+        if wide_heads is None and block_dims is None:
+            wide_heads = _heads_keeping_head_dim(wide_dim, embed_dim, num_heads)
         dims, heads = _width_schedule(embed_dim, depth, num_heads, wide_dim, wide_heads, block_dims, block_heads)
         base_block = kwargs.pop("block_fn", Block)
 
@@ -135,6 +150,12 @@ class WideLastVisionTransformer(EndpointForwardMixin, VisionTransformer):
             self.fc_norm = norm_layer(final_dim, eps=norm_eps, **dd)
         self.head = nn.Linear(final_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
         init_weights_vit_timm(self.head)
+
+    def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
+        super().init_weights(mode, needs_reset)
+        if (mode or getattr(self, "weight_init_mode", "")) == "" and self.cls_token is not None:
+            # The release's init: trunc_normal(0.02) class token (timm's ViT uses N(0, 1e-6)).
+            trunc_normal_(self.cls_token, std=0.02)
 
     def prune_intermediate_layers(
             self,
@@ -170,12 +191,12 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def deit_tiny_widelast(pretrained: bool = False, **kwargs) -> WideLastVisionTransformer:
     """DeiT-Tiny (192, 3 heads) with its last block at 384 / 6 heads, for 384-wide teachers such as CaiT-S24."""
-    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, wide_dim=384, wide_heads=6)
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, wide_dim=384)
     return create_student(WideLastVisionTransformer, "deit_tiny_widelast", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def deit_small_widelast(pretrained: bool = False, **kwargs) -> WideLastVisionTransformer:
     """DeiT-Small (384, 6 heads) with its last block at 768 / 12 heads, for Base-width teachers."""
-    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, wide_dim=768, wide_heads=12)
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, wide_dim=768)
     return create_student(WideLastVisionTransformer, "deit_small_widelast", pretrained, **dict(model_args, **kwargs))
