@@ -56,6 +56,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.teacher_bf16_weights and args.amp != "bf16":
+        raise SystemExit("error: --teacher-bf16-weights compares against bf16 autocast; fix: add --amp bf16")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

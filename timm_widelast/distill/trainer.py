@@ -22,8 +22,9 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -655,6 +656,56 @@ def evaluate(accelerator, model_fn, loader) -> Dict[str, float]:
 # ---------------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------------
+@dataclass
+class RunData:
+    """The datasets, loaders and batch transforms of a run (the loaders become their prepared versions)."""
+
+    train_set: Any  # call set_epoch(epoch) before each epoch
+    val_set: Any
+    loaders: Any  # build_loaders' result: device_transform and eval_wrap
+    train_loader: Any
+    val_loader: Any
+    mixup_fn: Optional[Callable]
+    data_config: Dict[str, Any]
+    num_classes: int
+
+
+@dataclass
+class Run:
+    """The pieces a run is built from before its first epoch."""
+
+    args: argparse.Namespace
+    accelerator: Any
+    run_dir: Path
+    trackers: List[str]
+    data: RunData
+    task: EndpointDistillationTask
+    trainable: torch.nn.Module  # task.trainable_module as prepared (DDP/FSDP-wrapped)
+    optimizer: Any
+    scheduler: Any
+    ema: Any
+    num_epochs: int
+    # losses are summed on the device and read only at log, checkpoint and epoch end (no per-step sync)
+    losses: RunningLosses
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / CHECKPOINT_DIR
+
+
+@dataclass
+class RunState:
+    """Where the run stands (the next batch to train) and what it has recorded: a checkpoint's meta."""
+
+    epoch: int = 0
+    batch: int = 0  # > 0: mid-epoch, with the epoch's loss sums so far in ``partial``
+    num_updates: int = 0
+    history: List[Dict[str, Any]] = field(default_factory=list)  # summary.csv rows
+    best: Dict[str, Any] = field(default_factory=lambda: {"top1": -1.0, "epoch": -1})
+    partial: Dict[str, float] = field(default_factory=dict)
+    index: int = 0  # the next checkpoint's number
+
+
 def train(args: Union[argparse.Namespace, Dict[str, Any]]) -> Dict[str, Any]:
     """Train and return a summary dict (best/final top-1, history rows, output paths).
 
@@ -675,23 +726,38 @@ def train(args: Union[argparse.Namespace, Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def _train(args: argparse.Namespace) -> Dict[str, Any]:
-    from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-    from accelerate.data_loader import prepare_data_loader
-    from accelerate.utils import ProjectConfiguration, set_seed, tqdm
-    from timm.data import Mixup, resolve_data_config
-    from timm.loss import create_classification_loss
-    from timm.optim import create_optimizer_v2
-
+    """The run, top to bottom: checks -> accelerator -> data -> task -> optimizer -> prepare -> resume -> epochs."""
     validate_args(args)
     trackers = resolve_trackers(args)
     run_dir = Path(args.output) / (args.experiment or args.model)
     check_output_dir(run_dir)
-    ckpt_root = run_dir / CHECKPOINT_DIR
+    accelerator = setup_accelerator(args, run_dir, trackers)
+    # nothing is written into the run folder until every check below has passed (see start_run)
+    student, data = build_data(args, accelerator)
+    task = build_task(args, accelerator, student, data)
+    optimizer, ema = build_optimization(args, accelerator, task)
+    run = prepare_run(args, accelerator, run_dir, trackers, data, task, optimizer, ema)
+    state = resume_state(run)
+    start_run(run)
+    while state.epoch < run.num_epochs:
+        trained = train_one_epoch(run, state)
+        if trained is None:  # --stop-after-updates: as if killed here (no final save or export)
+            accelerator.end_training()
+            return {"stopped": True, "num_updates": state.num_updates, "output_dir": str(run_dir)}
+        end_epoch(run, state, *trained)
+        state.epoch, state.batch, state.partial = state.epoch + 1, 0, {}  # resume at the next epoch's start
+        save_run_checkpoint(run, state)
+    return finish(run, state)
 
-    # --- accelerator: devices, precision, accumulation, DDP/FSDP all come from here -------------------
+
+def setup_accelerator(args: argparse.Namespace, run_dir: Path, trackers: List[str]):
+    """The Accelerator (devices, precision, accumulation, DDP/FSDP all come from here), with every rank seeded."""
+    from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration, set_seed
+
     # train() may run several times in one process (the demo, notebooks); Accelerate keeps its precision
     # setting in a singleton, so drop it (keeping the process group) before each run's Accelerator.
-    from accelerate.state import AcceleratorState
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         cpu=args.cpu or not torch.cuda.is_available(),  # torchrun on a CPU box needs cpu=True (gloo)
@@ -706,9 +772,13 @@ def _train(args: argparse.Namespace) -> Dict[str, Any]:
     )
     set_seed(args.seed, device_specific=True)  # augmentation differs per rank; DDP syncs the initial weights
     warn_if_fewer_processes(accelerator)
-    # nothing is written into the run folder until every check below has passed (see write_run_args)
+    return accelerator
 
-    # --- data -------------------------------------------------------------------------------------------
+
+def build_data(args: argparse.Namespace, accelerator) -> Tuple[torch.nn.Module, RunData]:
+    """The student and the data: the student comes first, as its pretrained config sets the data config."""
+    from timm.data import Mixup, resolve_data_config
+
     train_set, val_set = create_datasets(args)
     num_classes = args.num_classes or count_classes(train_set)
     if not num_classes:
@@ -722,37 +792,52 @@ def _train(args: argparse.Namespace) -> Dict[str, Any]:
     # on CUDA the workers hand over uint8 and loaders.device_transform normalises/erases on the GPU
     loaders = build_loaders(args, train_set, val_set, data_config, accelerator.device,
                             rank=accelerator.process_index, num_processes=accelerator.num_processes)
-    train_set, train_loader, val_loader = loaders.train_set, loaders.train, loaders.val
-    repeat_aug = loaders.shards_by_rank  # RepeatAugSampler shards by rank: Accelerate must not shard again
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0:
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
                          switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                          label_smoothing=args.smoothing, num_classes=num_classes)
+    return student, RunData(loaders.train_set, val_set, loaders, loaders.train, loaders.val, mixup_fn,
+                            data_config, num_classes)
 
-    # --- teacher (never prepared: kept out of save_state) and the task --------------------------------
+
+def build_task(args: argparse.Namespace, accelerator, student: torch.nn.Module,
+               data: RunData) -> EndpointDistillationTask:
+    """The frozen teacher (when a loss needs one) and the task that holds student, projector and losses.
+
+    The teacher is never prepared (it has no gradients for DDP/FSDP to sync) and never checkpointed
+    (checkpoints.py saves the prepared trainable module: student and projector).
+    """
+    from timm.loss import create_classification_loss
+
     a = args.distill_loss_weight
     feat_on = args.feat_loss != "none" and args.feat_weight > 0
     teacher = None
     if a > 0 or feat_on:
         teacher = FrozenTeacher(create_teacher_same_on_every_rank(args), single_or_list(args.kd_layer),
-                                data_config["mean"], data_config["std"], need_logits=a > 0, need_tokens=feat_on)
+                                data.data_config["mean"], data.data_config["std"], need_logits=a > 0,
+                                need_tokens=feat_on)
     task = EndpointDistillationTask(
         student, teacher, criterion=create_classification_loss(smoothing=args.smoothing,
-                                                               soft_targets=mixup_fn is not None),
+                                                               soft_targets=data.mixup_fn is not None),
         distill_loss_weight=a, task_loss_weight=args.task_loss_weight, temperature=args.kd_temperature,
         distillation_type=args.distillation_type,
         feat_loss=args.feat_loss if feat_on else "none", feat_weight=args.feat_weight,
         student_layer=single_or_list(args.student_layer), teacher_layer=single_or_list(args.kd_layer),
-        width_align=args.width_align, probe_size=data_config["input_size"][-2:])
+        width_align=args.width_align, probe_size=data.data_config["input_size"][-2:])
     if task.teacher is not None:
         task.teacher.to(accelerator.device)
         if args.kd_weights_dtype != "float32":
             task.teacher.hold_weights_in(getattr(torch, args.kd_weights_dtype))
     if args.torchcompile:
         task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
+    return task
 
-    # --- optimizer and schedule (per epoch unless --sched-on-updates) ---------------------------------
+
+def build_optimization(args: argparse.Namespace, accelerator, task: EndpointDistillationTask):
+    """The optimizer over the trainable module (student and projector) and the student's EMA (or None)."""
+    from timm.optim import create_optimizer_v2
+
     args.lr = resolve_lr(args, accelerator.num_processes)  # recorded in args.yaml, as timm's train.py does
     opt_kwargs = {}
     if args.opt_eps is not None:
@@ -763,188 +848,226 @@ def _train(args: argparse.Namespace) -> Dict[str, Any]:
                                     momentum=args.momentum, **opt_kwargs)
     # the EMA copies the plain student: an FSDP-wrapped one cannot be deep-copied (see ema.py)
     ema = create_student_ema(task.student, args.model_ema_decay, args.model_ema_warmup) if args.model_ema else None
+    return optimizer, ema
+
+
+def prepare_run(args: argparse.Namespace, accelerator, run_dir: Path, trackers: List[str], data: RunData,
+                task: EndpointDistillationTask, optimizer, ema) -> Run:
+    """Accelerate's prepare (DDP/FSDP wrapping, loader sharding), then the schedule (per epoch unless
+    ``--sched-on-updates``), which needs the prepared loader's length."""
+    from accelerate.data_loader import prepare_data_loader
+
     check_fsdp_setup(accelerator, task.trainable_module)
-    trainable, optimizer, train_loader = accelerator.prepare(task.trainable_module, optimizer, train_loader)
-    if repeat_aug:
+    trainable, optimizer, train_loader = accelerator.prepare(task.trainable_module, optimizer, data.train_loader)
+    if data.loaders.shards_by_rank:  # RepeatAugSampler shards by rank: Accelerate must not shard again
         train_loader = prepare_data_loader(train_loader, accelerator.device, num_processes=1, process_index=0,
                                            put_on_device=True, non_blocking=True)
-    if val_loader is not None:
-        val_loader = loaders.eval_wrap(accelerator.prepare(val_loader))
+    data.train_loader = train_loader
+    if data.val_loader is not None:
+        data.val_loader = data.loaders.eval_wrap(accelerator.prepare(data.val_loader))
     task.trainable_module = trainable
     updates_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
     if updates_per_epoch == 0:
-        raise UserError(f"the training set is smaller than one batch ({len(train_set)} images, -b {args.batch_size})")
+        raise UserError(f"the training set is smaller than one batch ({len(data.train_set)} images, "
+                        f"-b {args.batch_size})")
     scheduler, num_epochs = create_schedule(args, optimizer, updates_per_epoch)
     if ema is not None:
         # start from the prepared weights: DDP broadcast rank 0's, FSDP keeps each rank's shards
         sync_ema(ema, accelerator, trainable)
         task.trainable_module_ema = ema
+    return Run(args, accelerator, run_dir, trackers, data, task, trainable, optimizer, scheduler, ema, num_epochs,
+               RunningLosses(accelerator, batches_per_epoch=len(train_loader)))
 
-    # --- resume -----------------------------------------------------------------------------------------
-    start_epoch, start_batch, num_updates = 0, 0, 0
-    history: List[Dict[str, Any]] = []
-    best = {"top1": -1.0, "epoch": -1}
-    partial: Dict[str, float] = {}
-    resume_from = find_resume_checkpoint(args.resume, run_dir)
-    if resume_from is not None:
-        check_resume_compatible(load_run_args(resume_from.parent.parent), args)  # RUN/checkpoints/ckpt_*
-        # model, optimizer, scheduler, EMA, scaler, RNG states; safetensors and JSON only (never unpickled)
-        meta = load_checkpoint(accelerator, resume_from, trainable, optimizer, scheduler, ema)
-        start_epoch, start_batch, num_updates = meta["epoch"], meta["batch"], meta["num_updates"]
-        history, best, partial = meta["history"], meta["best"], meta.get("partial", {})
-        # we name checkpoints ourselves, but keep Accelerate's counter right for anyone using automatic naming
-        accelerator.project_configuration.iteration = meta.get("index", 0) + 1
-        accelerator.print(f"resumed from {resume_from} at epoch {start_epoch}, batch {start_batch}")
+
+def resume_state(run: Run) -> RunState:
+    """A fresh state, or the one a checkpoint kept (``--resume``), with the weights, optimizer, etc. restored."""
+    args, accelerator = run.args, run.accelerator
+    resume_from = find_resume_checkpoint(args.resume, run.run_dir)
+    if resume_from is None:
+        return RunState(index=accelerator.project_configuration.iteration)
+    check_resume_compatible(load_run_args(resume_from.parent.parent), args)  # RUN/checkpoints/ckpt_*
+    # model, optimizer, scheduler, EMA, scaler, RNG states; safetensors and JSON only (never unpickled)
+    meta = load_checkpoint(accelerator, resume_from, run.trainable, run.optimizer, run.scheduler, run.ema)
+    # we name checkpoints ourselves, but keep Accelerate's counter right for anyone using automatic naming
+    accelerator.project_configuration.iteration = meta.get("index", 0) + 1
+    state = RunState(epoch=meta["epoch"], batch=meta["batch"], num_updates=meta["num_updates"],
+                     history=meta["history"], best=meta["best"], partial=meta.get("partial", {}),
+                     index=accelerator.project_configuration.iteration)
+    accelerator.print(f"resumed from {resume_from} at epoch {state.epoch}, batch {state.batch}")
+    return state
+
+
+def start_run(run: Run) -> None:
+    """Write ``args.yaml``, say what the run is, and start the trackers."""
+    args, accelerator, task, data = run.args, run.accelerator, run.task, run.data
     # every check has passed: only now does the run folder get written
     if accelerator.is_main_process:
-        write_run_args(run_dir, args)
+        write_run_args(run.run_dir, args)
     accelerator.print(
         f"start: {accelerator.num_processes} process(es), global batch "
         f"{args.batch_size * accelerator.num_processes * args.grad_accum_steps} ({args.batch_size}/process x "
         f"{accelerator.num_processes} x {args.grad_accum_steps} accumulation), lr {args.lr:.3g}, "
         f"student {count_params(task.student)} params, teacher "
         f"{count_params(task.teacher.model if task.teacher is not None else None)} params, train "
-        f"{len(train_set)} images, validation {len(val_set) if val_set is not None else 0} images, "
-        f"output {run_dir}")
-    if trackers:
+        f"{len(data.train_set)} images, validation {len(data.val_set) if data.val_set is not None else 0} images, "
+        f"output {run.run_dir}")
+    if run.trackers:
         accelerator.init_trackers(args.experiment or args.model,
                                   config={k: v for k, v in vars(args).items()
                                           if isinstance(v, (int, float, str, bool))})
 
-    ckpt_index = [accelerator.project_configuration.iteration]
 
-    def checkpoint(epoch: int, batch: int, sums: Dict[str, float]) -> Path:
-        meta = {"epoch": epoch, "batch": batch, "num_updates": num_updates, "history": history, "best": best,
-                "partial": dict(sums), "index": ckpt_index[0]}
-        ckpt_index[0] += 1
-        return save_checkpoint(accelerator, ckpt_root, meta, args.checkpoint_keep, trainable, optimizer, scheduler, ema)
+def save_run_checkpoint(run: Run, state: RunState) -> Path:
+    """A checkpoint that resumes at ``state``'s position (all ranks call it)."""
+    meta = dict(vars(state))
+    state.index += 1
+    return save_checkpoint(run.accelerator, run.ckpt_root, meta, run.args.checkpoint_keep, run.trainable,
+                           run.optimizer, run.scheduler, run.ema)
 
-    def last_good() -> str:
-        found = list_checkpoints(ckpt_root)
-        return str(found[-1]) if found else "none"
 
-    # --- train / checkpoint / evaluate / log -------------------------------------------------------------
-    summary_path = run_dir / "summary.csv"
-    # losses are summed on the device and read only at log, checkpoint and epoch end (no per-step sync)
-    running = RunningLosses(accelerator, batches_per_epoch=len(train_loader))
+def ensure_finite(run: Run, state: RunState, before: str, weights: bool = False) -> Dict[str, float]:
+    """Losses so far (means over ranks); raises when any loss (or, with ``weights``, weight) is non-finite."""
+    means, bad = run.losses.read(run.trainable if weights else None)
+    if bad:
+        found = list_checkpoints(run.ckpt_root)
+        last_good = str(found[-1]) if found else "none"
+        raise NonFiniteLossError(f"{bad} (after {state.num_updates} updates); stopped before {before}, "
+                                 f"last good checkpoint: {last_good}")
+    return means
+
+
+def train_one_epoch(run: Run, state: RunState) -> Optional[Tuple[Dict[str, float], Dict[str, float]]]:
+    """Train from ``state``'s position to the end of its epoch.
+
+    Returns the epoch's mean losses and its speed, or None when ``--stop-after-updates`` stopped the run.
+    """
+    from accelerate.utils import tqdm
+
+    args, accelerator, data, task, trainable = run.args, run.accelerator, run.data, run.task, run.trainable
+    epoch, first_batch = state.epoch, state.batch
+    task.train()
+    data.train_set.set_epoch(epoch)
+    data.train_loader.set_epoch(epoch)
+    loader = data.train_loader
+    run.losses.start_epoch(state.partial if first_batch else None)
+    if first_batch:
+        loader = accelerator.skip_first_batches(data.train_loader, first_batch)
+        # a fresh loader counts its own epochs from 0 and would replay epoch 0's order: set it explicitly
+        loader.set_epoch(epoch)
     # a bar redrawn with \r fills a log file: bars only on a terminal, progress lines otherwise
     show_bar = args.progress and sys.stderr.isatty()
+    bar = tqdm(loader, main_process_only=True, disable=not show_bar,
+               desc=f"{args.experiment or args.model} epoch {epoch}", initial=first_batch,
+               total=len(data.train_loader), position=args.progress_position, leave=args.progress_position == 0)
+    timed = TimedIterable(bar)  # seconds spent waiting for the loader
+    epoch_start = log_start = time.perf_counter()
+    log_batch, batch_idx = first_batch, first_batch - 1
+    for batch_idx, (x, y) in enumerate(timed, start=first_batch):
+        x = data.loaders.device_transform(x, epoch, batch_idx)  # CUDA: uint8 -> normalised (+ erased); CPU: as is
+        if data.mixup_fn is not None:
+            x, y = data.mixup_fn(x, y)
+        with accelerator.accumulate(trainable):
+            with accelerator.autocast():  # covers the (unprepared) teacher forward too
+                out = task(x, y)
+            run.losses.add(out, epoch, batch_idx)  # device-side: sums and the first non-finite step
+            accelerator.backward(out["loss"])
+            if args.clip_grad and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(trainable.parameters(), args.clip_grad)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            continue
+        state.num_updates += 1
+        if run.scheduler is not None:
+            run.scheduler.step_update(num_updates=state.num_updates)  # a per-epoch schedule ignores this
+        if run.ema is not None:
+            update_ema(run.ema, accelerator, trainable, state.num_updates)
+        if state.num_updates % max(args.log_interval, 1) == 0:
+            means = ensure_finite(run, state, "logging")  # the interval's one host transfer
+            now = time.perf_counter()
+            rate = (batch_idx + 1 - log_batch) * args.batch_size * accelerator.num_processes / (now - log_start)
+            log_start, log_batch = now, batch_idx + 1
+            log_progress(run, state, batch_idx, means, rate, bar if show_bar else None)
+        if args.checkpoint_every_steps and state.num_updates % args.checkpoint_every_steps == 0:
+            ensure_finite(run, state, "a checkpoint", weights=True)
+            state.batch, state.partial = batch_idx + 1, run.losses.partial()
+            save_run_checkpoint(run, state)
+        if args.stop_after_updates and state.num_updates >= args.stop_after_updates:
+            accelerator.print(f"stopping after {state.num_updates} updates (--stop-after-updates)")
+            return None
+    means = ensure_finite(run, state, "evaluation", weights=True)  # also waits for the device: the epoch's time is real
+    seconds = max(time.perf_counter() - epoch_start, 1e-9)
+    speed = {"img_s": (batch_idx + 1 - first_batch) * args.batch_size * accelerator.num_processes / seconds,
+             "data_wait": timed.wait / seconds}
+    return means, speed
 
-    def ensure_finite(before: str, weights: bool = False) -> Dict[str, float]:
-        """Losses so far (means over ranks); raises when any loss (or, with ``weights``, weight) is non-finite."""
-        means, bad = running.read(trainable if weights else None)
-        if bad:
-            raise NonFiniteLossError(f"{bad} (after {num_updates} updates); stopped before {before}, "
-                                     f"last good checkpoint: {last_good()}")
-        return means
 
-    for epoch in range(start_epoch, num_epochs):
-        task.train()
-        train_set.set_epoch(epoch)
-        train_loader.set_epoch(epoch)
-        loader = train_loader
-        running.start_epoch(partial if start_batch else None)
-        if start_batch:
-            loader = accelerator.skip_first_batches(train_loader, start_batch)
-            # a fresh loader counts its own epochs from 0 and would replay epoch 0's order: set it explicitly
-            loader.set_epoch(epoch)
-        bar = tqdm(loader, main_process_only=True, disable=not show_bar,
-                   desc=f"{args.experiment or args.model} epoch {epoch}", initial=start_batch,
-                   total=len(train_loader), position=args.progress_position, leave=args.progress_position == 0)
-        timed = TimedIterable(bar)  # seconds spent waiting for the loader
-        epoch_start = log_start = time.perf_counter()
-        first_batch, log_batch, batch_idx = start_batch, start_batch, start_batch - 1
-        for batch_idx, (x, y) in enumerate(timed, start=start_batch):
-            x = loaders.device_transform(x, epoch, batch_idx)  # CUDA: uint8 -> normalised (+ erased); CPU: as is
-            if mixup_fn is not None:
-                x, y = mixup_fn(x, y)
-            with accelerator.accumulate(trainable):
-                with accelerator.autocast():  # covers the (unprepared) teacher forward too
-                    out = task(x, y)
-                running.add(out, epoch, batch_idx)  # device-side: sums and the first non-finite step
-                accelerator.backward(out["loss"])
-                if args.clip_grad and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(trainable.parameters(), args.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            num_updates += 1
-            if scheduler is not None:
-                scheduler.step_update(num_updates=num_updates)  # a per-epoch schedule ignores this
-            if ema is not None:
-                update_ema(ema, accelerator, trainable, num_updates)
-            if num_updates % max(args.log_interval, 1) == 0:
-                means = ensure_finite("logging")  # the interval's one host transfer
-                lr = optimizer.param_groups[0]["lr"]
-                now = time.perf_counter()
-                rate = (batch_idx + 1 - log_batch) * args.batch_size * accelerator.num_processes / (now - log_start)
-                log_start, log_batch = now, batch_idx + 1
-                if show_bar:
-                    bar.set_postfix(loss=f"{means['loss']:.4f}")
-                else:
-                    accelerator.print(f"epoch {epoch} [{batch_idx + 1}/{len(train_loader)}] update {num_updates} "
-                                      f"loss={means['loss']:.4f} lr={lr:.3g} img/s={rate:.1f}")
-                if trackers:
-                    accelerator.log({"train/" + k: v for k, v in means.items()} | {"lr": lr}, step=num_updates)
-            if args.checkpoint_every_steps and num_updates % args.checkpoint_every_steps == 0:
-                ensure_finite("a checkpoint", weights=True)
-                checkpoint(epoch, batch_idx + 1, running.partial())
-            if args.stop_after_updates and num_updates >= args.stop_after_updates:
-                accelerator.print(f"stopping after {num_updates} updates (--stop-after-updates)")
-                accelerator.end_training()
-                return {"stopped": True, "num_updates": num_updates, "output_dir": str(run_dir)}
-        means = ensure_finite("evaluation", weights=True)  # also waits for the device: the epoch's time is real
-        seconds = max(time.perf_counter() - epoch_start, 1e-9)
-        speed = {"img_s": (batch_idx + 1 - first_batch) * args.batch_size * accelerator.num_processes / seconds,
-                 "data_wait": timed.wait / seconds}
-        start_batch = 0
-        row: Dict[str, Any] = {"epoch": epoch}
-        row.update({f"train_{k}" if k == "loss" else k: v for k, v in means.items()})
-        # the lr this epoch trained at (per-update schedules: its last update's), read before stepping, like timm
-        lr = optimizer.param_groups[0]["lr"]
-        step_schedule_at_epoch_end(scheduler, epoch)
-        if val_loader is not None:
-            task.eval()
-            metrics = evaluate(accelerator, lambda inp: trainable(inp)[0], val_loader)
-            row.update({"eval_loss": metrics["loss"], "eval_top1": metrics["top1"], "eval_top5": metrics["top5"]})
-            if ema is not None:
-                ema_metrics = evaluate(accelerator, ema.module, val_loader)
-                row.update({"ema_top1": ema_metrics["top1"], "ema_top5": ema_metrics["top5"]})
-        row["lr"] = lr
-        history.append(row)
-        # the raw model's best epoch is what the paper reports (EMA is kept but not used for selection)
-        if row.get("eval_top1", -1.0) > best["top1"]:
-            best = {"top1": row["eval_top1"], "top5": row["eval_top5"], "epoch": epoch}
-            export_student(accelerator, trainable, run_dir / "best", data_config=data_config)
-        if accelerator.is_main_process:
-            write_summary(summary_path, history)
-            write_summary_plot(run_dir / "summary.png", history)
-        if trackers:
-            accelerator.log({k: v for k, v in row.items() if k != "epoch"} | speed, step=num_updates)
-        # speed is printed, not kept in summary.csv: a resumed run's summary must equal an uninterrupted one's
-        accelerator.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-                          + f" img/s={speed['img_s']:.1f} data_wait={100 * speed['data_wait']:.0f}%")
-        checkpoint(epoch + 1, 0, {})
+def log_progress(run: Run, state: RunState, batch_idx: int, means: Dict[str, float], rate: float, bar) -> None:
+    """The log interval's line (or the bar's loss, on a terminal) and tracker values."""
+    lr = run.optimizer.param_groups[0]["lr"]
+    if bar is not None:
+        bar.set_postfix(loss=f"{means['loss']:.4f}")
+    else:
+        run.accelerator.print(f"epoch {state.epoch} [{batch_idx + 1}/{len(run.data.train_loader)}] update "
+                              f"{state.num_updates} loss={means['loss']:.4f} lr={lr:.3g} img/s={rate:.1f}")
+    if run.trackers:
+        run.accelerator.log({"train/" + k: v for k, v in means.items()} | {"lr": lr}, step=state.num_updates)
 
-    # --- export ------------------------------------------------------------------------------------------
-    ensure_finite("the final export", weights=True)
-    export_student(accelerator, trainable, run_dir, data_config=data_config)
-    if ema is not None:
-        export_student(accelerator, trainable, run_dir / "ema", model=ema.module, data_config=data_config)
+
+def end_epoch(run: Run, state: RunState, means: Dict[str, float], speed: Dict[str, float]) -> None:
+    """Step the schedule, evaluate, keep the best weights, rewrite the summary and log the epoch's row."""
+    accelerator, data, epoch = run.accelerator, run.data, state.epoch
+    row: Dict[str, Any] = {"epoch": epoch}
+    row.update({f"train_{k}" if k == "loss" else k: v for k, v in means.items()})
+    # the lr this epoch trained at (per-update schedules: its last update's), read before stepping, like timm
+    lr = run.optimizer.param_groups[0]["lr"]
+    step_schedule_at_epoch_end(run.scheduler, epoch)
+    if data.val_loader is not None:
+        run.task.eval()
+        metrics = evaluate(accelerator, lambda inp: run.trainable(inp)[0], data.val_loader)
+        row.update({"eval_loss": metrics["loss"], "eval_top1": metrics["top1"], "eval_top5": metrics["top5"]})
+        if run.ema is not None:
+            ema_metrics = evaluate(accelerator, run.ema.module, data.val_loader)
+            row.update({"ema_top1": ema_metrics["top1"], "ema_top5": ema_metrics["top5"]})
+    row["lr"] = lr
+    state.history.append(row)
+    # the raw model's best epoch is what the paper reports (EMA is kept but not used for selection)
+    if row.get("eval_top1", -1.0) > state.best["top1"]:
+        state.best = {"top1": row["eval_top1"], "top5": row["eval_top5"], "epoch": epoch}
+        export_student(accelerator, run.trainable, run.run_dir / "best", data_config=data.data_config)
+    if accelerator.is_main_process:
+        write_summary(run.run_dir / "summary.csv", state.history)
+        write_summary_plot(run.run_dir / "summary.png", state.history)
+    if run.trackers:
+        accelerator.log({k: v for k, v in row.items() if k != "epoch"} | speed, step=state.num_updates)
+    # speed is printed, not kept in summary.csv: a resumed run's summary must equal an uninterrupted one's
+    accelerator.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+                      + f" img/s={speed['img_s']:.1f} data_wait={100 * speed['data_wait']:.0f}%")
+
+
+def finish(run: Run, state: RunState) -> Dict[str, Any]:
+    """Export the student (and its EMA), end the trackers, and return the run's summary."""
+    accelerator, run_dir, best = run.accelerator, run.run_dir, state.best
+    ensure_finite(run, state, "the final export", weights=True)
+    export_student(accelerator, run.trainable, run_dir, data_config=run.data.data_config)
+    if run.ema is not None:
+        export_student(accelerator, run.trainable, run_dir / "ema", model=run.ema.module,
+                       data_config=run.data.data_config)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     accelerator.print(
         f"done: student {run_dir / 'model.safetensors'}"
         + (f", best (epoch {best['epoch']}) {run_dir / 'best'}" if best["epoch"] >= 0 else "")
-        + (f", EMA {run_dir / 'ema'}" if ema is not None else "")
-        + f", summary {summary_path} and summary.png, checkpoints {ckpt_root}, settings {run_dir / 'args.yaml'}")
-    last = history[-1] if history else {}
+        + (f", EMA {run_dir / 'ema'}" if run.ema is not None else "")
+        + f", summary {run_dir / 'summary.csv'} and summary.png, checkpoints {run.ckpt_root}, "
+        f"settings {run_dir / 'args.yaml'}")
+    last = state.history[-1] if state.history else {}
     return {"output_dir": str(run_dir), "model_path": str(run_dir / "model.safetensors"),
             "best_model_path": str(run_dir / "best" / "model.safetensors") if best["epoch"] >= 0 else None,
             "best_top1": best["top1"] if best["epoch"] >= 0 else None, "best_epoch": best["epoch"],
             "final_top1": last.get("eval_top1"), "final_top5": last.get("eval_top5"),
-            "num_updates": num_updates, "num_classes": num_classes, "history": history, "stopped": False}
+            "num_updates": state.num_updates, "num_classes": run.data.num_classes, "history": state.history,
+            "stopped": False}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
