@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _folders import make_imagefolder
 
 from timm_widelast.distill.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
 from timm_widelast.distill.ema import create_student_ema, sync_ema, update_ema
@@ -41,16 +42,7 @@ def payload_bytes(marker: Path, tmp_path: Path) -> bytes:
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """A 3-class ImageFolder (train 8/class, validation 3/class) of generated PNGs."""
-    from PIL import Image
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 8), ("validation", 3)):
-        for c in range(3):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(count):
-                Image.fromarray((rng.random((36, 36, 3)) * 80 + c * 60).astype("uint8")).save(folder / f"{i}.png")
-    return root
+    return make_imagefolder(tmp_path_factory.mktemp("data"))
 
 
 def test_resume_never_unpickles_a_planted_payload(data_dir, tmp_path, capsys):

@@ -9,9 +9,9 @@ import sys
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
+from _folders import make_imagefolder
 
 from timm_widelast.cli import main
 
@@ -47,16 +47,9 @@ def test_train_unknown_recipe_is_one_line(capsys):
 
 
 def test_tiny_distillation_run_through_the_cli(tmp_path):
-    from PIL import Image
     from safetensors.torch import load_file
 
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 4), ("validation", 2)):
-        for c in range(2):
-            folder = tmp_path / "data" / split / f"c{c}"
-            folder.mkdir(parents=True)
-            for i in range(count):
-                Image.fromarray((rng.random((32, 32, 3)) * 80 + c * 100).astype("uint8")).save(folder / f"{i}.png")
+    make_imagefolder(tmp_path / "data", classes=2, counts=(("train", 4), ("validation", 2)), size=32, step=100)
     code = main(["train", "--data-dir", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--experiment",
                  "run", "--model", "deit_tiny_widelast", "--img-size", "32", "--model-kwargs", "patch_size=8",
                  "embed_dim=32", "depth=1", "num_heads=2", "wide_dim=64", "wide_heads=2",

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _folders import make_imagefolder
 from safetensors.torch import load_file
 
 from timm_widelast.distill.checkpoints import list_checkpoints
@@ -82,17 +83,7 @@ def fsdp2_supported() -> bool:
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """A 3-class ImageFolder (train 8/class, validation 3/class) of generated PNGs."""
-    import numpy as np
-    from PIL import Image
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 8), ("validation", 3)):
-        for c in range(3):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(count):
-                Image.fromarray((rng.random((36, 36, 3)) * 80 + c * 60).astype("uint8")).save(folder / f"{i}.png")
-    return root
+    return make_imagefolder(tmp_path_factory.mktemp("data"))
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")

@@ -10,6 +10,7 @@ import pytest
 import timm
 import torch
 import yaml
+from _folders import make_imagefolder
 from _hub_helpers import TINY_KWARGS, eval_data, folder_files, make_run, make_run_and_export, run_cli, top1_top5
 from huggingface_hub import ModelCard
 
@@ -329,19 +330,11 @@ TRAIN_COMMON = ["-b", "4", "--warmup-epochs", "0", "--workers", "0", "--no-progr
 def trained(tmp_path_factory) -> Path:
     """runs/teacher (WideLast, no EMA, 1 epoch) and runs/student (Lift, depth 3, distilled from the teacher's
     folder through --kd-checkpoint, with EMA, 1 epoch) on a 3-class folder of generated PNGs."""
-    import numpy as np
-    from PIL import Image
 
     from timm_widelast.distill.trainer import parse_args, train
 
     root = tmp_path_factory.mktemp("trained")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 8), ("validation", 3)):
-        for c in range(3):
-            folder = root / "data" / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(count):
-                Image.fromarray((rng.random((36, 36, 3)) * 80 + c * 60).astype("uint8")).save(folder / f"{i}.png")
+    make_imagefolder(root / "data")
     common = ["--data-dir", str(root / "data"), "--output", str(root / "runs"), *TRAIN_COMMON]
     train(parse_args(common + ["--model", "deit_tiny_widelast", "--model-kwargs", "patch_size=8", "embed_dim=32",
                                "depth=2", "num_heads=2", "wide_dim=64", "wide_heads=2", "--epochs", "1",

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from _folders import make_imagefolder
 from safetensors.torch import load_file
 
 from timm_widelast.distill.trainer import list_checkpoints, main, parse_args, resolve_lr, train
@@ -27,17 +28,7 @@ COMMON = ["-b", "4", "--warmup-epochs", "1", "--workers", "0", "--no-progress", 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """A 3-class ImageFolder (train 8/class, validation 3/class) of generated PNGs."""
-    from PIL import Image
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 8), ("validation", 3)):
-        for c in range(3):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = (rng.random((36, 36, 3)) * 80 + c * 60).astype("uint8")
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
+    return make_imagefolder(tmp_path_factory.mktemp("data"))
 
 
 def argv(data_dir, out, *extra):
