@@ -51,7 +51,7 @@ for s in "${STAGES[@]}"; do
             else
                 stage "train_epoch: train_distill.py vs timm train.py, 10,240 JPEGs, 2 epochs, no teacher" 420 \
                     python benchmarks/train_epoch.py --timm-train "$TIMM_TRAIN" --device cuda --amp bf16 \
-                    --images 10240 --img-size 224 -b 256 --workers 14 --epochs 2
+                    --images 10240 --img-size 224 -b 256 --workers 14 --epochs 2 --rounds 2
             fi ;;
         tests)
             stage "test suite (README's command)" 540 python -m pytest tests -q -p no:cacheprovider ;;

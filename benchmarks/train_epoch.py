@@ -8,13 +8,15 @@ timm's `train.py` is not in its wheel: pass the path of a copy from timm's repos
 as installed). A JPEG ImageFolder (``train/`` + ``validation/``, 10 classes) is generated once under
 ``--data-root`` and reused. Both scripts train the same student, no teacher, with the same epochs, batch,
 optimizer, schedule and precision, and evaluate after every epoch; each runs in its own process and its wall
-time includes start-up. Prints both wall times, the ratio, and the last lines each script logged (our
-epoch line carries img/s and the share of time spent waiting for data).
+time includes start-up. Prints the median wall times over ``--rounds`` (the order alternates), the ratio, and
+the last lines each script logged (our epoch line carries img/s and the share of time spent waiting for data).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,7 +78,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--amp", default="none", choices=["none", "bf16"])
-    p.add_argument("--order", default="ours-first", choices=["ours-first", "timm-first"])
+    p.add_argument("--rounds", type=int, default=3, help="runs of each script, alternating which goes first")
     args = p.parse_args()
     if not Path(args.timm_train).is_file():
         raise SystemExit(f"error: {args.timm_train} not found; fix: pass the path of timm's train.py")
@@ -90,8 +92,8 @@ def main() -> None:
               "--log-interval", "50"]
     # the model is built at the image size (ours sizes its data from the model; timm's needs --img-size too)
     shared += ["--model-kwargs", f"img_size={args.img_size}", *args.model_kwargs]
-    ours = [sys.executable, str(ROOT / "train_distill.py"), *shared, "--experiment", "ours", "--no-progress"]
-    timm_cmd = [sys.executable, args.timm_train, *shared, "--img-size", str(args.img_size), "--experiment", "timm",
+    ours = [sys.executable, str(ROOT / "train_distill.py"), *shared, "--no-progress"]
+    timm_cmd = [sys.executable, args.timm_train, *shared, "--img-size", str(args.img_size),
                 "--device-modules", "timm_widelast", "--device", args.device, "--checkpoint-hist", "1"]
     if args.amp == "bf16":
         ours += ["--mixed-precision", "bf16"]
@@ -104,17 +106,22 @@ def main() -> None:
     else:
         timm_cmd += ["--pin-mem"]  # ours pins by default on CUDA
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    runs = [("ours", ours), ("timm", timm_cmd)]
-    if args.order == "timm-first":
-        runs.reverse()
-    seconds = {name: run(name, cmd, env) for name, cmd in runs}
+    seconds = {"ours": [], "timm": []}
+    for round_ in range(args.rounds):  # alternate the order, so a load drift hits both alike
+        runs = [("ours", ours + ["--experiment", f"ours{round_}"]),
+                ("timm", timm_cmd + ["--experiment", f"timm{round_}"])]
+        for name, cmd in runs if round_ % 2 == 0 else reversed(runs):
+            seconds[name].append(run(name, cmd, env))
+    shutil.rmtree(out, ignore_errors=True)
+    med = {name: statistics.median(values) for name, values in seconds.items()}
 
     print(f"\n{args.images} train + {max(NUM_CLASSES, args.images // 10)} validation JPEGs, {args.img_size} px, "
           f"{args.model}, {args.epochs} epochs, batch {args.batch_size}, {args.workers} workers, {args.device}, "
           f"amp {args.amp}, no teacher")
-    print(f"train_distill.py  {seconds['ours']:8.1f} s")
-    print(f"timm train.py     {seconds['timm']:8.1f} s")
-    print(f"ours / timm       {seconds['ours'] / seconds['timm']:8.3f}")
+    for name, label in (("ours", "train_distill.py"), ("timm", "timm train.py")):
+        runs = ", ".join(f"{v:.1f}" for v in seconds[name])
+        print(f"{label:18s} median {med[name]:7.1f} s   (runs: {runs})")
+    print(f"{'ours / timm':18s} {med['ours'] / med['timm']:14.3f}")
 
 
 if __name__ == "__main__":

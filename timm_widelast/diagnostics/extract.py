@@ -100,13 +100,14 @@ def _create(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
                 finally:
                     constants.HF_HUB_OFFLINE = False
         return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except (RuntimeError, TypeError, ValueError) as err:
-        raise UserError(f"cannot create model {name!r}: {err}; "
-                        "fix: check the name (timm.list_models) and --model-kwargs, or use --no-pretrained") from err
     except OSError as err:  # huggingface_hub's LocalEntryNotFoundError / OfflineModeIsEnabled, URLError, no file
+        # first: before huggingface_hub 1.0, LocalEntryNotFoundError is also a ValueError
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"cannot load pretrained weights for {name!r} (offline, or not in the local cache: "
                         f"{first}); {_offline_fix(name)}") from err
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise UserError(f"cannot create model {name!r}: {err}; "
+                        "fix: check the name (timm.list_models) and --model-kwargs, or use --no-pretrained") from err
 
 
 def build_model(name: str, checkpoint: Optional[str] = None, pretrained: Optional[bool] = None,
