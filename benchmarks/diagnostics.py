@@ -68,7 +68,7 @@ def bare_forward(model, images, batch_size):
 def ours(model, images, batch_size):
     from timm_widelast.diagnostics import run_report
 
-    return run_report(model, images, None, batch_size=batch_size, progress=False, plots=False)
+    return run_report(model, images, None, batch_size=batch_size, progress=False, plots=False, permutations=3)
 
 
 def reference(model, images, batch_size):

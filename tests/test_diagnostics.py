@@ -176,25 +176,46 @@ def demo_teacher_report():
     cells = [float(v) for v in re.findall(r"\|\s*([\d.]+)(?=\s*\|)", row)]
     dim, svd, pca = int(cells[0]), cells[1:5], cells[5:9]
     assert dim == teacher["dim"]
-    report = {"model": {"label": teacher["label"], "dim": dim},
-              "settings": {"thresholds": [0.8, 0.9, 0.95, 0.99]},
-              "svd": {"ranks": [svd] * 3}, "pca": {"required_dims": [pca] * 3},  # percentile of equal rows = the row
-              "sep": {"levels": [50.0, 60.0, 70.0, 80.0, 90.0], "b": teacher["b"]}}
-    return results, report
+    return results, _report_of(dim, svd, pca, teacher["b"], teacher["label"])
 
 
-def test_advise_agrees_with_the_demos_measured_ordering():
+# The paper's measured CaiT-S24 diagnosis (ImageNet val, p99 over images) and its ImageNet top-1 results for a
+# 192-wide DeiT-Tiny student: teacher-width endpoints beat naive channel-pooled feature KD.
+PAPER_CAIT_S24 = {"dim": 384, "svd": [14, 34, 61, 121], "pca": [167, 247, 302, 359],
+                  "sep_b": [0.500, 0.599, 0.703, 0.805, 0.901]}
+PAPER_TOP1 = {"naive_spectralkd": 75.07, "lift_softkd_spectralkd": 77.53, "widelast_softkd_mse": 78.23}
+
+
+def _report_of(dim, svd, pca, sep_b, label="teacher"):
+    return {"model": {"label": label, "dim": dim}, "settings": {"thresholds": [0.8, 0.9, 0.95, 0.99]},
+            "svd": {"ranks": [svd] * 3}, "pca": {"required_dims": [pca] * 3},  # percentile of equal rows = the row
+            "sep": {"levels": [50.0, 60.0, 70.0, 80.0, 90.0], "b": sep_b}}
+
+
+def test_advise_agrees_with_the_papers_measured_ordering():
+    from timm_widelast.diagnostics import advise_width
+
+    t = PAPER_CAIT_S24
+    # measured in the paper: both teacher-width endpoints beat the naive (channel-pooled) student
+    assert min(PAPER_TOP1["lift_softkd_spectralkd"], PAPER_TOP1["widelast_softkd_mse"]) > PAPER_TOP1["naive_spectralkd"]
+    advice = advise_width(_report_of(t["dim"], t["svd"], t["pca"], t["sep_b"]), 192)
+    assert advice["recommendation"] == "widelast" and advice["alternative"] == "lift" and not advice["fits"]
+    assert advice["recommended_width"] == t["dim"]
+    # the binding width: the larger of the shared PCA width at 95% energy (302) and b_90 x D (346)
+    assert advice["minimum_width"] == max(t["pca"][2], int(np.ceil(t["sep_b"][4] * t["dim"]))) == 346
+
+
+def test_advise_on_the_demos_teacher_follows_the_same_rule():
+    """The demo's teacher (64 wide): the rule says a 32-wide student lacks its width. The demo's student ordering at
+    that scale is within seed noise (docs/demo/results.md, 3 seeds), so only the diagnosis is checked here."""
     from timm_widelast.diagnostics import advise_width
 
     results, report = demo_teacher_report()
-    rows, width = results["rows"], results["recipe"]["cfg"]["width"]
+    width = results["recipe"]["cfg"]["width"]
     assert report["model"]["dim"] == 2 * width  # the demo's teacher is twice the student's width
-    # measured: a teacher-width endpoint beat plain (channel-pooled) feature KD at the student's width
-    assert rows["widelast_kd"]["top1_mean"] > rows["plain_naive_kd"]["top1_mean"]
     advice = advise_width(report, width)
     assert advice["recommendation"] == "widelast" and advice["alternative"] == "lift" and not advice["fits"]
     assert advice["recommended_width"] == report["model"]["dim"]
-    # the binding width: b_90 of the teacher's D channels
     assert advice["minimum_width"] == int(np.ceil(report["sep"]["b"][4] * report["model"]["dim"])) > width
 
 
