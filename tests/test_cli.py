@@ -33,6 +33,7 @@ def test_train_help_is_the_trainers_with_the_recipe_applied(capsys):
         main(["train", "-c", "widelast_softkd_mse", "--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps long lines
     assert exit_.value.code == 0
+    assert out.startswith("usage: timm-widelast train ")  # the usage line names the sub-command
     for flag in ("--kd-model-name", "--feat-loss", "--distill-loss-weight", "--model-ema"):
         assert flag in out
     # values the trainer's own defaults do not have (no teacher, batch 128, a = 0)

@@ -40,7 +40,7 @@ def _add_train_command(subparsers: argparse._SubParsersAction) -> None:
 def _train(argv: Sequence[str]) -> int:
     from .distill.trainer import main as trainer_main
 
-    return trainer_main(list(argv))
+    return trainer_main(list(argv), prog="timm-widelast train")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -87,9 +87,9 @@ def single_or_list(values: Optional[Sequence[Union[int, str]]]) -> Union[None, i
     return values[0] if len(values) == 1 else values
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     """timm ``train.py`` flag names where the concept exists; ours for the feature loss and checkpointing."""
-    p = argparse.ArgumentParser(description="Endpoint-feature distillation (Lift/WideLast) on Accelerate",
+    p = argparse.ArgumentParser(prog=prog, description="Endpoint-feature distillation (Lift/WideLast) on Accelerate",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-c", "--config", default="", metavar="FILE", help="YAML file of defaults (keys = dest names)")
     g = p.add_argument_group("data")
@@ -212,9 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> argparse.Namespace:
     """Parse ``argv`` with YAML defaults from ``-c`` (command line wins), like timm's train.py."""
-    parser = build_parser()
+    parser = build_parser(prog)
     config_parser = argparse.ArgumentParser(add_help=False)
     config_parser.add_argument("-c", "--config", default="")
     known, _ = config_parser.parse_known_args(argv)
@@ -1070,12 +1070,15 @@ def finish(run: Run, state: RunState) -> Dict[str, Any]:
             "stopped": False}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry: one line ``error: ...`` and exit 2 on bad input, 3 on a non-finite loss."""
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    """Command-line entry: one line ``error: ...`` and exit 2 on bad input, 3 on a non-finite loss.
+
+    ``prog`` names the command in usage lines (``timm-widelast train``; default: the script's name).
+    """
     # every rank hits the same error; only rank 0 reports it, so the user sees one line
     report = os.environ.get("RANK", "0") == "0"
     try:
-        train(parse_args(argv))
+        train(parse_args(argv, prog))
     except UserError as err:
         if report:
             print(f"error: {err}", file=sys.stderr)
