@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import os
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 from .errors import UserError
@@ -26,3 +27,16 @@ def parse_kwargs(items: Optional[Union[Sequence[str], Mapping[str, Any]]]) -> Di
         except (ValueError, SyntaxError):
             out[key.strip()] = value  # plain strings need no quotes, as in timm's train.py
     return out
+
+
+def hub_offline() -> bool:
+    """Is the Hugging Face Hub offline? Its own flag, or HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set now.
+
+    The environment is read again because the hub reads it once, at import, and users (and tests) set it later.
+    """
+    from huggingface_hub import constants
+
+    # is_offline_mode() appeared in huggingface_hub 1.x; older releases only have the constant
+    is_offline = getattr(constants, "is_offline_mode", lambda: constants.HF_HUB_OFFLINE)
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return bool(is_offline()) or env.strip().upper() in ("1", "ON", "YES", "TRUE")

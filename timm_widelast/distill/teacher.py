@@ -8,7 +8,6 @@ signature, with static shapes.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -20,6 +19,7 @@ from torch import nn
 from ..errors import UserError
 from ..models._checkpoints import CheckpointMismatchError, load_release_checkpoint
 from ..taps import Grid, LayerSpec, TapSet, layer_list, resolve_tap
+from ..utils import hub_offline
 
 
 def model_input_size(model: nn.Module) -> Tuple[int, int]:
@@ -29,14 +29,6 @@ def model_input_size(model: nn.Module) -> Tuple[int, int]:
         return (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     size = timm.data.resolve_data_config({}, model=model)["input_size"]
     return tuple(size[-2:])
-
-
-def _hub_offline() -> bool:
-    """Offline mode as the hub sees it, or as the environment asks for it now."""
-    from huggingface_hub import constants
-
-    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
-    return bool(constants.HF_HUB_OFFLINE) or flag in ("1", "ON", "YES", "TRUE")
 
 
 def _hub_weights_cached(name: str) -> Optional[bool]:
@@ -88,7 +80,7 @@ def create_teacher_model(name: Optional[str], kwargs: Optional[Dict[str, Any]] =
                         "our students need `import timm_widelast`, already done here)")
     from_hub = pretrained and not checkpoint
     overridden = "pretrained_cfg" in kwargs or "pretrained_cfg_overlay" in kwargs  # weights may not come from the hub
-    if from_hub and not overridden and _hub_offline() and _hub_weights_cached(name) is False:
+    if from_hub and not overridden and hub_offline() and _hub_weights_cached(name) is False:
         raise _no_weights_error(name, "the Hugging Face Hub is offline (HF_HUB_OFFLINE) and they are not cached")
     try:
         model = timm.create_model(name, pretrained=from_hub, **kwargs)

@@ -7,13 +7,13 @@ the export folder is only ever read.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
 from ..errors import UserError
+from ..utils import hub_offline
 from . import cards
 from .export import RECORD_NAME, REPORT_FOLDER, check_export, portable_file
 
@@ -33,15 +33,6 @@ class PushPlan:
     @property
     def readme(self) -> Optional[bytes]:
         return self.rewritten.get("README.md")
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    # is_offline_mode() appeared in huggingface_hub 1.x; older releases only have the constant
-    is_offline = getattr(constants, "is_offline_mode", lambda: bool(constants.HF_HUB_OFFLINE))
-    return is_offline() or env.strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
 def _validate_repo_id(repo_id: str) -> None:
@@ -129,7 +120,7 @@ def push(folder: Union[str, Path], repo_id: str, *, token: Optional[str] = None,
     plan = plan_push(folder, repo_id)
     if dry_run:
         return plan
-    if _offline():
+    if hub_offline():
         raise UserError("offline mode is on (HF_HUB_OFFLINE); fix: unset HF_HUB_OFFLINE and check the network, "
                         "or use --dry-run")
     token = token or get_token()

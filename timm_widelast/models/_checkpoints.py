@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import urllib.error
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..utils import hub_offline
 
 _logger = logging.getLogger(__name__)
 
@@ -50,8 +50,7 @@ class PretrainedWeightsUnavailable(UserError, RuntimeError):
         repo, filename = cfg.get("hf_hub_id") or "", cfg.get("hf_hub_filename") or "model.safetensors"
         tag = f"{variant}.{cfg['tag']}" if cfg.get("tag") else variant
         source = f"the Hugging Face Hub ({repo}, file {filename})" if repo else (cfg.get("url") or "its url")
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-        reason = ("HF_HUB_OFFLINE is set and the file is not in the local cache" if offline
+        reason = ("HF_HUB_OFFLINE is set and the file is not in the local cache" if hub_offline()
                   else f"the download failed and the file is not in the local cache ({_first_line(err)})")
         custom = ", custom_load=True" if not filename.endswith(".safetensors") else ""
         fetch = f"`hf download {repo} {filename} --local-dir DIR`" if repo else f"downloading {source}"
