@@ -90,7 +90,7 @@ def test_cli_report_matches_direct_numpy(folder, cli_report):
 def test_two_processes_give_the_same_numbers(folder, cli_report, tmp_path):
     root, _ = folder
     out = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "timm_widelast.cli", *[str(a) for a in sep_argv(root, out, "--no-plots")]]
     # two CPU processes (gloo), whatever GPUs the machine has: on a 1-GPU machine two ranks cannot
     # each get a GPU. `--device cpu` in sep_argv says so to accelerate; hiding the GPUs makes sure.
@@ -123,6 +123,8 @@ def test_library_batch_split_pass2_and_dtype(tmp_path):
     model = tiny_model()
     images = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     base = run_report(model, images, None, batch_size=7, permutations=1, progress=False, device="cpu")
+    # the caller's model comes back without any hook of ours
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     for bs, pass2 in ((2, "rerun"), (3, "cache")):
         r = run_report(model, images, None, batch_size=bs, pass2=pass2, permutations=1, progress=False,
                        device="cpu")

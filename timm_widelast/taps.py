@@ -204,9 +204,11 @@ class TapSet:
     same model (evaluation, another set) neither pay for them nor disturb them.
     """
 
+    tap_class = TokenTap  # a subclass may keep more of each tapped output (diagnostics keeps the raw one)
+
     def __init__(self, model: nn.Module, layers: Sequence[LayerSpec] = (None,), detach: bool = True) -> None:
         self.model = model
-        self.taps = tuple(TokenTap(model, layer, detach=detach) for layer in layers)
+        self.taps = tuple(self.tap_class(model, layer, detach=detach) for layer in layers)
         for tap in self.taps:
             tap.group = self.taps
             tap.armed = False

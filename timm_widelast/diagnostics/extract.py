@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..taps import TapSpec, resolve_tap, to_patch_tokens
+from ..taps import TapSet, TapSpec, TokenTap
+from ..utils import hub_offline
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKEN_POLICIES = ("patch", "all")
@@ -69,7 +70,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     """Can we open a connection to the Hub at all? (huggingface_hub retries ~50 s before it gives up.)"""
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
+    if hub_offline():
         return False
     url = urlparse(constants.ENDPOINT)
     try:
@@ -179,80 +180,66 @@ def sweep_layers(model: nn.Module, layers: Sequence[int | str]) -> list[int | st
     return list(dict.fromkeys(layers))
 
 
-class _StopForward(Exception):
-    """Raised from a hook to end a forward pass once every requested tap has run."""
+class _RawTap(TokenTap):
+    """The package's tap, also keeping the module's raw output (for policy "all" and the prefix count)."""
+
+    raw: Optional[torch.Tensor] = None
+
+    def _hook(self, module: nn.Module, args, output) -> None:
+        if not self.armed:
+            return
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        if not torch.is_tensor(out) or out.dim() not in (3, 4):
+            shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+            raise UserError(f"module {self.spec.module_name!r} outputs {shape}, not tokens; "
+                            "fix: pick a block that outputs [B, N, D] tokens or a feature map with --layer")
+        self.raw = out.detach()
+        super()._hook(module, args, output)
 
 
-class LayerTokens:
+class LayerTokens(TapSet):
     """Runs a model until every tapped module has run; returns their tokens, one [B, N, D] per layer.
 
-    ``layers``: block indices and/or module names (None = the package's default tap). The
-    patch-token rule (prefix tokens dropped, maps flattened) is ``taps.to_patch_tokens``;
-    policy ``"all"`` keeps the prefix tokens. Tokens come back float32 and detached.
+    The package's :class:`~timm_widelast.taps.TapSet` (hooks registered once, forward stopped
+    after the last tap, patch-token rule of ``taps.to_patch_tokens``); ``layers``: block indices
+    and/or module names (None = the package's default tap). Policy ``"all"`` keeps the prefix
+    tokens. Tokens come back float32 and detached. :meth:`remove` takes the hooks off the model.
     """
+
+    tap_class = _RawTap
 
     def __init__(self, model: nn.Module, layers: Sequence[int | str | None] = (None,), policy: str = "patch"):
         if policy not in TOKEN_POLICIES:
             raise UserError(f"unknown token policy {policy!r}; fix: use one of {', '.join(TOKEN_POLICIES)}")
-        self.model, self.policy = model, policy
-        self.specs: list[TapSpec] = [resolve_tap(model, layer) for layer in layers]
-        names = [s.module_name for s in self.specs]
+        super().__init__(model, layers)
+        names = self.module_names
         if len(set(names)) != len(names):
+            self.remove()
             raise UserError(f"layers {list(layers)} name the same module twice ({names}); fix: list each layer once")
-        self.num_prefix_tokens = [0] * len(self.specs)  # known after the first batch
+        self.policy = policy
+        self.specs: list[TapSpec] = [tap.spec for tap in self.taps]
+        self.num_prefix_tokens = [0] * len(self.taps)  # known after the first batch
         self.layouts = [s.layout for s in self.specs]  # 'NLC' once a tap is seen to output tokens
-        self._raw: list[Optional[torch.Tensor]] = []
-        self._input_hw = (0, 0)
-
-    def _pre_hook(self, module: nn.Module, args) -> None:
-        if args and torch.is_tensor(args[0]) and args[0].ndim == 4:
-            self._input_hw = tuple(args[0].shape[-2:])
-
-    def _hook(self, k: int):
-        spec = self.specs[k]
-
-        def hook(module: nn.Module, args, output) -> None:
-            out = output[0] if isinstance(output, (tuple, list)) else output
-            if not torch.is_tensor(out) or out.dim() not in (3, 4):
-                shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-                raise UserError(f"module {spec.module_name!r} outputs {shape}, not tokens; "
-                                "fix: pick a block that outputs [B, N, D] tokens or a feature map with --layer")
-            if self._raw[k] is None:
-                self._raw[k] = out.detach()
-            if all(r is not None for r in self._raw):
-                raise _StopForward
-
-        return hook
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
-        self._raw = [None] * len(self.specs)
-        handles = [self.model.register_forward_pre_hook(self._pre_hook)]
-        handles += [self.model.get_submodule(s.module_name).register_forward_hook(self._hook(k))
-                    for k, s in enumerate(self.specs)]
         try:
-            self.model(images)
-        except _StopForward:
-            pass
+            _output, tokens, _grids = self.run(images, stop_early=True)
         except (RuntimeError, AssertionError, ValueError) as err:
             raise UserError(f"the model's forward pass fails on input {tuple(images.shape)}: {err}; "
                             "fix: check --model-kwargs (e.g. img_size) and the preprocessing") from err
         finally:
-            for h in handles:
-                h.remove()
+            raws = [tap.raw for tap in self.taps]
+            for tap in self.taps:
+                tap.raw = None  # hold no activations between batches
         out = []
-        for k, (spec, raw) in enumerate(zip(self.specs, self._raw)):
-            if raw is None:
-                raise UserError(f"module {spec.module_name!r} never ran in the forward pass; "
-                                "fix: pick a block on the model's main path with --layer")
-            tokens, _grid = to_patch_tokens(raw, spec, self.model, self._input_hw)
+        for k, (patch, raw) in enumerate(zip(tokens, raws)):
             if raw.dim() == 3:
                 self.layouts[k] = "NLC"
-                self.num_prefix_tokens[k] = raw.shape[1] - tokens.shape[1]
+                self.num_prefix_tokens[k] = raw.shape[1] - patch.shape[1]
                 if self.policy == "all":
-                    tokens = raw
-            out.append(tokens.float())
-        self._raw = []
+                    patch = raw
+            out.append(patch.float())
         return out
 
 

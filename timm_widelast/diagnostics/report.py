@@ -271,6 +271,7 @@ def _analyse(model: nn.Module, images: Any, layers: Sequence[int | str | None], 
             if x is not None:
                 for st, tokens in zip(stats, extractor(x)):
                     st.curves.append(st.pca.energy_curves(tokens).cpu())
+    extractor.remove()  # the caller's model keeps no hooks of ours
     elapsed = time.perf_counter() - start
     local_ids = torch.cat(ids).numpy() if ids else np.zeros(0, dtype=np.int64)
     id_parts = _all_gather(local_ids, world)
@@ -348,12 +349,9 @@ def run_report(model: nn.Module, images: Any, out_dir: Optional[str | os.PathLik
     ``permutations`` random channel orders (numpy ``default_rng(permutation_seed)``, as the
     authors' release: 50 and 2026) give the SEP robustness check; 0 skips it.
     """
-    report = _analyse(model, images, [layer], token_policy=token_policy, thresholds=thresholds,
-                      percentiles=percentiles, centre=centre, sep_mode=sep_mode, sep_levels=sep_levels,
-                      permutations=permutations, permutation_seed=permutation_seed, batch_size=batch_size,
-                      num_workers=num_workers, device=device, dtype=dtype, num_images=num_images,
-                      on_bad_image=on_bad_image, pass2=pass2, cache_limit_gb=cache_limit_gb, cache_dir=cache_dir,
-                      progress=progress, meta=meta)[0]
+    # every other keyword is an analysis setting, passed through as is (a new one fails loudly if _analyse lacks it)
+    settings = {k: v for k, v in locals().items() if k not in ("model", "images", "out_dir", "layer", "plots")}
+    report = _analyse(model, images, [layer], **settings)[0]
     if out_dir is not None and _dist()[0] == 0:
         write_report(report, out_dir, plots=plots)
     return report
@@ -501,6 +499,14 @@ def robustness_markdown(report: dict) -> list[str]:
     return lines + [""]
 
 
+def _run_lines(m: dict, d: dict, s: dict) -> list[str]:
+    """The images / PCA / dtype lines that head a report.md and a sweep's report.md."""
+    return [f"- images: {d['num_images']} analysed, {d['num_skipped']} skipped (unreadable)"
+            + (f"; source {d['source']}" if d.get("source") else ""),
+            f"- PCA second moment {'centred' if s['centre'] else 'uncentred'}; dtype {m['dtype']}; "
+            f"{s['processes']} process(es)"]
+
+
 def report_markdown(report: dict, plots: bool = True) -> str:
     """report.md: the tables plus how the numbers were made."""
     m, d, s = report["model"], report["data"], report["settings"]
@@ -509,10 +515,7 @@ def report_markdown(report: dict, plots: bool = True) -> str:
              f"({m['token_policy']} tokens, {m['num_prefix_tokens']} prefix tokens dropped)"
              if m["token_policy"] == "patch" else
              f"- tokens: `{m['tap']}` output, {m['tokens']} tokens x {m['dim']} channels (all tokens)",
-             f"- images: {d['num_images']} analysed, {d['num_skipped']} skipped (unreadable)"
-             + (f"; source {d['source']}" if d.get("source") else ""),
-             f"- PCA second moment {'centred' if s['centre'] else 'uncentred'}; dtype {m['dtype']}; "
-             f"{s['processes']} process(es)", ""]
+             *_run_lines(m, d, s), ""]
     for k, q in enumerate(s["percentiles"]):
         parts += [markdown_tables([report], q, sep=k == len(s["percentiles"]) - 1), ""]
     b = np.asarray(report["sep"]["per_image_b"])
@@ -541,14 +544,10 @@ def write_report(report: dict, out_dir: str | os.PathLike, plots: bool = True) -
 def sweep_markdown(sweep: dict, reports: Sequence[dict], plots: bool = True) -> str:
     """The sweep's report.md: one row per layer, labelled by module name."""
     m, d, s = sweep["model"], sweep["data"], sweep["settings"]
-    label = short_model_name(m.get("label") or m.get("name") or "model")
-    parts = [f"# Per-layer SEP sweep: {label}", "",
+    parts = [f"# Per-layer SEP sweep: {model_label(sweep)}", "",
              f"- {len(reports)} layers from one pass over the images; each layer's full report is in "
              "`layers/<module name>/`",
-             f"- images: {d['num_images']} analysed, {d['num_skipped']} skipped (unreadable)"
-             + (f"; source {d['source']}" if d.get("source") else ""),
-             f"- PCA second moment {'centred' if s['centre'] else 'uncentred'}; dtype {m['dtype']}; "
-             f"{s['processes']} process(es)", ""]
+             *_run_lines(m, d, s), ""]
     for k, q in enumerate(s["percentiles"]):
         parts += [markdown_tables(reports, q, sep=k == len(s["percentiles"]) - 1,
                                   row_label=lambda r: r["model"]["tap"], first_column="layer"), ""]

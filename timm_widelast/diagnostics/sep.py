@@ -125,17 +125,21 @@ class SEPAccumulator:
         Column 0 is the natural channel order. An image without a single non-zero token gets d = 0.
         """
         tokens = tokens.to(torch.float64)  # cast once; the permuted copies reuse it
+        if self.perms and self.perms[0].device != tokens.device:
+            self.perms = [perm.to(tokens.device) for perm in self.perms]  # once, not every batch
+        results = [self._normalised_sums(tokens if perm is None else tokens[..., perm]) for perm in [None, *self.perms]]
+        # one copy to the host for every channel order (a .cpu() per order would wait on the device each time);
+        # a permutation keeps each token's energy, so the valid tokens are the natural order's
+        all_sums = torch.stack([sums for sums, _ in results]).cpu()
+        valid = results[0][1].cpu().to(torch.float64)
+        has = valid > 0
+        self.count += valid.sum()
+        self.image_count += has.sum()
         rows = []
-        for row, perm in enumerate([None, *self.perms]):
-            sums, valid = self._normalised_sums(tokens if perm is None else tokens[..., perm.to(tokens.device)])
-            sums, valid = sums.cpu(), valid.cpu().to(torch.float64)
+        for row, sums in enumerate(all_sums):
             per_image = sums / valid.unsqueeze(1)  # mean normalised spectrum of each image (nan: no valid token)
-            has = valid > 0
             self.spec_sum[row] += sums.sum(0)
             self.image_sum[row] += per_image[has].sum(0)
-            if row == 0:
-                self.count += valid.sum()
-                self.image_count += has.sum()
             rows.append(bandwidths(self._to_curve(per_image), self.levels))
         return np.stack(rows, axis=1)
 
