@@ -117,7 +117,7 @@ def full_model_state(accelerator, model: torch.nn.Module, offload: bool = True) 
 def _split_tensors(obj: Any, key: str, tensors: Dict[str, torch.Tensor]) -> Any:
     """JSON-able copy of ``obj``; each tensor goes into ``tensors`` and leaves ``{"__tensor__": key}`` behind."""
     if isinstance(obj, torch.Tensor):
-        tensors[key] = obj.detach().cpu().contiguous()
+        tensors[key] = obj  # _save_tensors moves it to the CPU
         return {"__tensor__": key}
     if isinstance(obj, dict):
         if not all(isinstance(k, str) for k in obj):

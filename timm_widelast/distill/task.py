@@ -44,8 +44,7 @@ class DistillStudent(nn.Module):
         super().__init__()
         self.student = student
         self.projector = projector
-        self.layers = layer_list(layer)
-        self.taps: Optional[TapSet] = TapSet(student, self.layers, detach=False) if tap else None
+        self.taps: Optional[TapSet] = TapSet(student, layer_list(layer), detach=False) if tap else None
 
     def no_weight_decay(self) -> set:
         """The student's no-decay names, prefixed, so timm's optimizer factory still finds them."""

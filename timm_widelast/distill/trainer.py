@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import importlib.util
 import io
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -330,7 +332,6 @@ def check_output_dir(run_dir: Path) -> None:
 
 def disk_nearly_full(path: Union[str, Path], margin: int = 64 << 20) -> bool:
     """Whether the filesystem holding ``path`` (or its nearest existing parent) has less than ``margin`` free."""
-    import shutil
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -339,7 +340,6 @@ def disk_nearly_full(path: Union[str, Path], margin: int = 64 << 20) -> bool:
 
 def write_error(err: OSError, output: Union[str, Path]) -> Exception:
     """Turn an OS error while writing outputs into one clear UserError line (other errors pass unchanged)."""
-    import errno
     where = err.filename or output
     if err.errno == errno.ENOSPC:
         return UserError(f"no space left on the device writing {where}; free some space, or pass another "
@@ -660,14 +660,18 @@ def evaluate(accelerator, model_fn, loader) -> Dict[str, float]:
 class RunData:
     """The datasets, loaders and batch transforms of a run (the loaders become their prepared versions)."""
 
-    train_set: Any  # call set_epoch(epoch) before each epoch
     val_set: Any
-    loaders: Any  # build_loaders' result: device_transform and eval_wrap
+    loaders: Any  # build_loaders' result: the seeded train_set, device_transform and eval_wrap
     train_loader: Any
     val_loader: Any
     mixup_fn: Optional[Callable]
     data_config: Dict[str, Any]
     num_classes: int
+
+    @property
+    def train_set(self):
+        """The seeded training dataset (call ``set_epoch(epoch)`` before each epoch)."""
+        return self.loaders.train_set
 
 
 @dataclass
@@ -703,7 +707,6 @@ class RunState:
     history: List[Dict[str, Any]] = field(default_factory=list)  # summary.csv rows
     best: Dict[str, Any] = field(default_factory=lambda: {"top1": -1.0, "epoch": -1})
     partial: Dict[str, float] = field(default_factory=dict)
-    index: int = 0  # the next checkpoint's number
 
 
 def train(args: Union[argparse.Namespace, Dict[str, Any]]) -> Dict[str, Any]:
@@ -797,7 +800,7 @@ def build_data(args: argparse.Namespace, accelerator) -> Tuple[torch.nn.Module, 
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
                          switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                          label_smoothing=args.smoothing, num_classes=num_classes)
-    return student, RunData(loaders.train_set, val_set, loaders, loaders.train, loaders.val, mixup_fn,
+    return student, RunData(val_set, loaders, loaders.train, loaders.val, mixup_fn,
                             data_config, num_classes)
 
 
@@ -884,15 +887,12 @@ def resume_state(run: Run) -> RunState:
     args, accelerator = run.args, run.accelerator
     resume_from = find_resume_checkpoint(args.resume, run.run_dir)
     if resume_from is None:
-        return RunState(index=accelerator.project_configuration.iteration)
+        return RunState()
     check_resume_compatible(load_run_args(resume_from.parent.parent), args)  # RUN/checkpoints/ckpt_*
     # model, optimizer, scheduler, EMA, scaler, RNG states; safetensors and JSON only (never unpickled)
     meta = load_checkpoint(accelerator, resume_from, run.trainable, run.optimizer, run.scheduler, run.ema)
-    # we name checkpoints ourselves, but keep Accelerate's counter right for anyone using automatic naming
-    accelerator.project_configuration.iteration = meta.get("index", 0) + 1
     state = RunState(epoch=meta["epoch"], batch=meta["batch"], num_updates=meta["num_updates"],
-                     history=meta["history"], best=meta["best"], partial=meta.get("partial", {}),
-                     index=accelerator.project_configuration.iteration)
+                     history=meta["history"], best=meta["best"], partial=meta.get("partial", {}))
     accelerator.print(f"resumed from {resume_from} at epoch {state.epoch}, batch {state.batch}")
     return state
 
@@ -919,9 +919,7 @@ def start_run(run: Run) -> None:
 
 def save_run_checkpoint(run: Run, state: RunState) -> Path:
     """A checkpoint that resumes at ``state``'s position (all ranks call it)."""
-    meta = dict(vars(state))
-    state.index += 1
-    return save_checkpoint(run.accelerator, run.ckpt_root, meta, run.args.checkpoint_keep, run.trainable,
+    return save_checkpoint(run.accelerator, run.ckpt_root, dict(vars(state)), run.args.checkpoint_keep, run.trainable,
                            run.optimizer, run.scheduler, run.ema)
 
 
