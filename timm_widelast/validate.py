@@ -26,7 +26,7 @@ from .io import atomic_write
 EVAL_SPLIT_NAMES = ("validation", "val", "valid", "eval", "evaluation")
 TRAIN_SPLIT_NAMES = ("train", "training")
 TEST_SPLIT_NAMES = ("test",)
-AMP_MODES = {"no": "no", "bf16": "bf16", "fp16": "fp16"}
+AMP_MODES = ("bf16", "fp16", "no")  # accelerate's mixed_precision values
 
 EPILOG = """examples:
   timm-widelast validate deit_tiny_widelast --pretrained --data-dir /imagenet/val
@@ -57,12 +57,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--interpolation", help="override the model's eval interpolation (bilinear, bicubic)")
     p.add_argument("-b", "--batch-size", type=int, default=128, help="per process")
     p.add_argument("-j", "--workers", type=int, default=min(4, os.cpu_count() or 1))
-    p.add_argument("--amp", nargs="?", const="bf16", default="no", choices=sorted(AMP_MODES),
+    p.add_argument("--amp", nargs="?", const="bf16", default="no", choices=AMP_MODES,
                    help="autocast dtype (bare --amp = bf16)")
     p.add_argument("--cpu", action="store_true", help="force the CPU even with a GPU")
     p.add_argument("--results-file", help="write the result as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when not a TTY)")
     p.set_defaults(func=run_validate)
+
+
+def _first_line(err: BaseException) -> str:
+    """The error's first line (its type name when it has no message), for a one-line UserError."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 # --- model -------------------------------------------------------------------------------------------------
@@ -97,7 +103,7 @@ def create_eval_model(spec: str, pretrained: bool = False, checkpoint: Optional[
     try:
         model = timm.create_model(name, pretrained=pretrained, **(model_kwargs or {}))
     except (RuntimeError, TypeError, ValueError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = _first_line(err)
         if "fix:" in first:  # our models' loaders already say what to do
             raise UserError(f"cannot create {spec!r}: {first}") from err
         raise UserError(f"cannot create {spec!r}: {first}; fix: check the name (timm.list_models), the folder "
@@ -181,7 +187,7 @@ def create_eval_dataset(data_dir: str, dataset: str, split: str, transform, clas
     except UserError:
         raise
     except Exception as err:  # timm raises plain RuntimeError/FileNotFoundError/ValueError here
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = _first_line(err)
         raise UserError(f"cannot open {dataset or 'image folder'} at {data_dir} (split {split!r}): {first}; "
                         "fix: check --data-dir, --dataset and --split") from err
     if len(ds) == 0:
@@ -225,6 +231,7 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     """Run the validation ``args`` describe (the ``validate`` command's flags); returns the result dict."""
     import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from timm.data import create_transform
 
     from .utils import parse_kwargs
@@ -236,12 +243,10 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     kwargs = parse_kwargs(args.model_kwargs)
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
-    from accelerate.state import AcceleratorState
-
     # Accelerate keeps the precision in a singleton: drop it (not the process group) so each call gets its own
     AcceleratorState._reset_state(reset_partial_state=False)
     # a launch on a machine without CUDA needs cpu=True to pick gloo
-    accelerator = Accelerator(mixed_precision=AMP_MODES[args.amp], cpu=args.cpu or not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=args.amp, cpu=args.cpu or not torch.cuda.is_available())
     model = create_eval_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
                               model_kwargs=kwargs)
     if not (args.pretrained or args.checkpoint or ":" in args.model or Path(args.model).exists()):

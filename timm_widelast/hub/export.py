@@ -369,14 +369,13 @@ def teacher_of(args: Dict[str, Any], record: Dict[str, Any]) -> Optional[Dict[st
     tag = _first(args, "kd_model_tag", "teacher_tag", "teacher_pretrained_tag")
     checkpoint = _first(args, "kd_checkpoint", "teacher_checkpoint")
     if checkpoint is not None:
-        folder = Path(str(checkpoint))
-        config = folder / "config.json"
-        if folder.is_dir() and config.is_file():
-            name = _read_json(config).get("architecture") or name
-        # the weights are the checkpoint's, not the timm tag's: the tag a name may carry does not apply
         path = Path(str(checkpoint))
+        config = path / "config.json"
+        if path.is_dir() and config.is_file():
+            name = _read_json(config).get("architecture") or name
+        # the weights are the checkpoint's, not the timm tag's: the tag a name may carry does not apply;
         # a weights file is known by its folder too (``run/model.safetensors``), a folder by its name
-        tag, checkpoint = None, path.name if folder.is_dir() else "/".join(path.parts[-2:])
+        tag, checkpoint = None, path.name if path.is_dir() else "/".join(path.parts[-2:])
     if name is None:
         return {"name": "unknown architecture", "tag": None, "checkpoint": checkpoint} if checkpoint else None
     name = cards.short_name(str(name))
