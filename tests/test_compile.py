@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 import torch._dynamo
+from _tiny_models import TINY, cait_teacher, deit, deit_teacher, lift, swin_teacher, widelast
 from torch._dynamo.utils import counters
 
 import timm_widelast  # noqa: F401
@@ -20,20 +21,8 @@ TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])
 pytestmark = pytest.mark.skipif(TORCH_VERSION < (2, 6), reason="zero-break compile is checked from torch 2.6 on "
                                 "(older Dynamo may break at the taps' stop-early exception)")
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
-STUDENTS = {
-    "deit": lambda: timm.create_model("deit_tiny_patch16_224", **TINY),
-    "lift": lambda: timm.create_model("deit_tiny_lift", lift_dim=64, **TINY),
-    "widelast": lambda: timm.create_model("deit_tiny_widelast", wide_dim=64, wide_heads=2, **TINY),
-}
-TEACHERS = {
-    "vit": lambda: timm.create_model("vit_small_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2,
-                                     num_heads=2, num_classes=10),
-    "cait": lambda: timm.create_model("cait_xxs24_224", img_size=32, patch_size=4, embed_dim=64, depth=2,
-                                      num_heads=2, num_classes=10),
-    "swin": lambda: timm.create_model("swin_tiny_patch4_window7_224", img_size=32, patch_size=4, embed_dim=32,
-                                      depths=(1, 1), num_heads=(2, 2), window_size=4, num_classes=10),
-}
+STUDENTS = {"deit": deit, "lift": lift, "widelast": widelast}
+TEACHERS = {"vit": deit_teacher, "cait": cait_teacher, "swin": swin_teacher}
 FEATURE_LOSSES = ("mse", "spectral", "none")
 
 

@@ -10,6 +10,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from _tiny_models import TINY, cait_teacher, deit_teacher, lift, swin_teacher, widelast
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import timm_widelast  # noqa: F401
@@ -22,31 +23,6 @@ from timm_widelast.distill import (
     spectral_feature_loss,
 )
 from timm_widelast.errors import UserError
-
-TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
-
-
-def widelast():
-    return timm.create_model("deit_tiny_widelast", wide_dim=64, wide_heads=2, **TINY)
-
-
-def lift():
-    return timm.create_model("deit_tiny_lift", lift_dim=64, **TINY)
-
-
-def deit_teacher(**kw):
-    args = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10) | kw
-    return timm.create_model("vit_small_patch16_224", pretrained=False, **args)
-
-
-def cait_teacher():
-    return timm.create_model("cait_xxs24_224", pretrained=False, img_size=32, patch_size=4, embed_dim=64,
-                             depth=2, num_heads=2, num_classes=10)
-
-
-def swin_teacher():
-    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=4,
-                             embed_dim=32, depths=(1, 1), num_heads=(2, 2), window_size=4, num_classes=10)
 
 
 # --- losses ------------------------------------------------------------------------------------------
@@ -127,12 +103,13 @@ def test_impossible_weights_refused(kw):
 
 
 # --- taps ------------------------------------------------------------------------------------------------
-def _manual_vit_tokens(model, x):
-    """Plain block loop of a timm ViT-family model, prefix tokens dropped, no final norm."""
+def _manual_vit_tokens(model, x, index=None):
+    """Plain block loop of a timm ViT-family model up to block ``index`` (None: all); prefix tokens dropped,
+    no final norm."""
     h = model.patch_embed(x)
     h = model._pos_embed(h)
     h = model.norm_pre(model.patch_drop(h))
-    for blk in model.blocks:
+    for blk in model.blocks[: None if index is None else index + 1]:
         h = blk(h)
     return h[:, model.num_prefix_tokens:]
 
@@ -282,14 +259,6 @@ def test_teacher_checkpoint_by_path(tmp_path):
 
 
 # --- paired layers (several feature-loss pairs) ---------------------------------------------------------
-def _vit_block_tokens(model, x, index):
-    """Patch tokens after block ``index`` of a timm ViT-family model, by a plain block loop."""
-    h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-    for blk in model.blocks[: index + 1]:
-        h = blk(h)
-    return h[:, model.num_prefix_tokens:]
-
-
 def test_paired_layers_loss_is_mean_over_pairs_aligned_per_pair():
     torch.manual_seed(0)
     student, teacher = widelast().eval(), deit_teacher().eval()  # student blocks: 32 then 64 wide; teacher 64
@@ -299,8 +268,8 @@ def test_paired_layers_loss_is_mean_over_pairs_aligned_per_pair():
     assert task.width_mode == "pool,none"  # pair 0 pools the teacher to 32 channels, pair 1 matches
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
     out = task.eval()(x, y)
-    s0, s1 = _vit_block_tokens(student, x, 0), _vit_block_tokens(student, x, 1)
-    t0, t1 = _vit_block_tokens(teacher, x, 0), _vit_block_tokens(teacher, x, 1)
+    s0, s1 = _manual_vit_tokens(student, x, 0), _manual_vit_tokens(student, x, 1)
+    t0, t1 = _manual_vit_tokens(teacher, x, 0), _manual_vit_tokens(teacher, x, 1)
     t0_pooled = (t0[..., 0::2] + t0[..., 1::2]) / 2  # 64 -> 32: means of adjacent channel pairs
     hand = (((s0 - t0_pooled) ** 2).mean() + ((s1 - t1) ** 2).mean()) / 2
     assert s0.shape[-1] == 32 and s1.shape[-1] == 64
@@ -359,7 +328,7 @@ def test_wider_student_is_pooled_down_to_the_teacher_as_released(feat_loss):
     out = task.eval()(x, torch.tensor([0, 1]))
     with torch.no_grad():
         s_tok = student.forward_features(x)[:, student.num_prefix_tokens:].double().numpy()  # lifted tokens
-        t_tok = _vit_block_tokens(teacher, x, 1).double().numpy()
+        t_tok = _manual_vit_tokens(teacher, x, 1).double().numpy()
     pooled = np.stack([s_tok[..., a:b].mean(-1) for a, b in _adaptive_windows(96, 64)], -1)
     # the release's op on [B, C, H, W] maps gives the same windows
     s_map = torch.from_numpy(s_tok).transpose(1, 2).reshape(2, 96, 4, 4)

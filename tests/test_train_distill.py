@@ -168,7 +168,7 @@ def test_script_exit_code_and_single_line(tmp_path):
 def test_two_process_cpu_run(data_dir, tmp_path):
     """torchrun with two CPU processes (gloo); `accelerate launch --cpu --num_processes 2` would start one."""
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "train_distill.py"), *argv(data_dir, tmp_path, *TEACHER, "--distill-loss-weight", "0.9",
                                                  "--feat-loss", "spectral", "--epochs", "1", "--experiment", "ddp",
                                                  "--aug-repeats", "3")]

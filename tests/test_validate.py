@@ -113,8 +113,8 @@ def test_two_processes_count_each_image_once(val_dir, export_dir, tmp_path):
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     assert main(["validate", str(export_dir), "--data-dir", str(val_dir), "-b", "4", "-j", "0", "--cpu",
                  "--results-file", str(one)]) == 0
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29531", "-m", "timm_widelast.cli", "validate", str(export_dir), "--data-dir",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "timm_widelast.cli", "validate", str(export_dir), "--data-dir",
                            str(val_dir), "-b", "4", "-j", "0", "--cpu", "--results-file", str(two)],
                           capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
